@@ -1,0 +1,19 @@
+"""kvlib: the KV cache of a transformer decoder, built step by step.
+
+The public names the chapters use are importable from here; every submodule is one concept
+(see the module docstrings for the shapes each one uses).
+"""
+
+from kvlib.cache import CacheFullError, ConcatKVCache, KVCache, KVCacheError
+from kvlib.config import ConfigError, ModelConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheFullError",
+    "ConcatKVCache",
+    "ConfigError",
+    "KVCache",
+    "KVCacheError",
+    "ModelConfig",
+]
