@@ -6,11 +6,15 @@ Shapes:
     out: (B, H, T, D)
     masks: bool, True = may attend; any shape broadcastable to (B, H, T, S)
 
+Query head h reads kv head h // G (G = H // K): heads [k*G, (k+1)*G) form group k.
+
 Query token t sits at absolute slot S - T + t, so causal masks are aligned to the
 bottom-right corner of the (T, S) score matrix. torch's `is_causal=True` aligns them to the
 top-left, which is right only when T == S (no cache): see `causal_mask`.
 
-Softmax runs in fp32 whatever the input dtype, and the result is cast back.
+Softmax runs in fp32 or wider: fp16/bf16 inputs are upcast to fp32, fp32 and fp64 keep their
+precision, and the result is cast back to the input dtype. A query row
+that may attend to nothing (a padding query) gets all-zero weights and a zero output.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ import math
 import torch
 
 
+def _check_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+
+
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"q, k, v must be 4-D (B, H, T, D) / (B, K, S, D); got {tuple(q.shape)}, "
@@ -30,17 +42,54 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     B, H, T, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on B or D")
-    if H % k.shape[1]:
-        raise ValueError(f"{H} query heads cannot be grouped over {k.shape[1]} kv heads")
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on B or D: "
+            "expected k of shape (B, K, S, D) with the B and D of q"
+        )
+    if k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(
+            f"{H} query heads cannot be grouped over {k.shape[1]} kv heads: "
+            "H must be a positive multiple of K"
+        )
     if k.shape[2] < T:
         raise ValueError(
-            f"{T} queries but only {k.shape[2]} keys: the keys must include the queries"
+            f"{T} queries but only {k.shape[2]} keys: the keys must include the queries (S >= T)"
         )
+    if not q.dtype.is_floating_point or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _check_mask(
+    mask: torch.Tensor | None, B: int, H: int, T: int, S: int, device: torch.device
+) -> torch.Tensor | None:
+    """Validate a bool mask and return it as a 4-D (b, h, t, s) view, each dim 1 or full."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool (True = attend), got {mask.dtype}")
+    if mask.ndim > 4:
+        raise ValueError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device}, q/k/v are on {device}")
+    mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (b, h, t, s)
+    if not all(m in (1, n) for m, n in zip(mask.shape, (B, H, T, S), strict=True)):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to (B, H, T, S) = "
+            f"({B}, {H}, {T}, {S}): each dim must be 1 or the full size"
+        )
+    return mask
 
 
 def causal_mask(T: int, S: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(T, S) bool, bottom-right aligned: query t (slot S - T + t) sees slots <= S - T + t."""
+    _check_int("T", T)
+    _check_int("S", S)
     if T < 0 or S < T:
         raise ValueError(f"causal mask needs 0 <= T <= S, got T={T}, S={S}")
     q_pos = torch.arange(S - T, S, device=device)  # (T,)
@@ -52,15 +101,19 @@ def sliding_window_mask(
     T: int, S: int, window: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """(T, S) bool: causal, and each query sees only its `window` most recent slots (itself too)."""
+    _check_int("window", window)
     if window <= 0:
-        raise ValueError(f"window must be positive, got {window}")
+        raise ValueError(f"window must be a positive number of slots, got {window}")
+    causal = causal_mask(T, S, device)  # (T, S), validates T and S
     q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-    return (k_pos <= q_pos) & (k_pos > q_pos - window)  # (T, S)
+    return causal & (k_pos > q_pos - window)  # (T, S)
 
 
 def padding_mask(valid: torch.Tensor) -> torch.Tensor:
     """(B, S) bool of real key slots -> (B, 1, 1, S), broadcastable over heads and queries."""
+    if not isinstance(valid, torch.Tensor):
+        raise TypeError(f"valid must be a (B, S) bool torch.Tensor, got {type(valid).__name__}")
     if valid.ndim != 2 or valid.dtype != torch.bool:
         raise ValueError(
             f"valid must be a (B, S) bool tensor, got {tuple(valid.shape)} {valid.dtype}"
@@ -69,42 +122,38 @@ def padding_mask(valid: torch.Tensor) -> torch.Tensor:
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, K, S, D) -> (B, K * n_rep, S, D): each kv head copied for its n_rep query heads."""
+    """(B, K, S, D) -> (B, K * n_rep, S, D): each kv head copied for its n_rep query heads.
+
+    This materializes G copies of the cache; `attention` gets the same result without them.
+    """
+    _check_int("n_rep", n_rep)
+    if n_rep <= 0:
+        raise ValueError(f"n_rep must be positive (the group size G = H // K), got {n_rep}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"repeat_kv expects a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"repeat_kv expects a 4-D (B, K, S, D) tensor, got {tuple(x.shape)}")
     if n_rep == 1:
         return x
     B, K, S, D = x.shape
-    x = x[:, :, None, :, :].expand(B, K, n_rep, S, D)  # (B, K, G, S, D)
-    return x.reshape(B, K * n_rep, S, D)  # (B, H, S, D)
+    x = x[:, :, None, :, :].expand(B, K, n_rep, S, D)  # (B, K, G, S, D), no copy yet
+    return x.reshape(B, K * n_rep, S, D)  # (B, H, S, D), copied here
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax and reductions run in: fp32 for fp16/bf16/fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over the last axis in fp32. A row with nothing visible gets all-zero weights."""
-    scores = scores.float()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    if mask is not None:
-        weights = weights.nan_to_num(0.0)  # fully masked rows (padding queries): 0/0
-    return weights
-
-
-def _check_mask(mask: torch.Tensor | None, B: int, H: int, T: int, S: int) -> torch.Tensor | None:
+    """Softmax over the last axis in fp32 or wider. A row with nothing visible gets zero weights."""
+    scores = scores.to(_acc_dtype(scores.dtype))
     if mask is None:
-        return None
-    if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool (True = attend), got {mask.dtype}")
-    if mask.ndim > 4:
-        raise ValueError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
-    mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (b, h, T, S)
-    ok = all(m in (1, n) for m, n in zip(mask.shape, (B, H, T, S), strict=True)) and mask.shape[
-        2:
-    ] == (T, S)
-    if not ok:
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to (B, H, T, S) = "
-            f"({B}, {H}, {T}, {S}) with full (T, S) trailing dims"
-        )
-    return mask
+        return torch.softmax(scores, dim=-1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)  # fully masked rows: exp(-inf)/0 = NaN
+    visible = mask.any(dim=-1, keepdim=True)  # (..., T, 1)
+    return weights.masked_fill(~visible, 0.0)
 
 
 def reference_attention(
@@ -114,16 +163,17 @@ def reference_attention(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Textbook attention: repeat kv heads to H, softmax(q k^T * scale) v, fp32 softmax."""
+    """Textbook attention: repeat kv heads to H, softmax(q k^T * scale) v, all in fp32 or wider."""
     _check_qkv(q, k, v)
     B, H, T, D = q.shape
-    mask = _check_mask(mask, B, H, T, k.shape[2])
+    mask = _check_mask(mask, B, H, T, k.shape[2], q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     n_rep = H // k.shape[1]
+    acc = _acc_dtype(q.dtype)
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)  # (B, H, S, D)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, T, S)
-    weights = _masked_softmax(scores, mask)  # (B, H, T, S) fp32
-    return (weights @ v.float()).to(q.dtype)  # (B, H, T, D)
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # (B, H, T, S)
+    weights = _masked_softmax(scores, mask)  # (B, H, T, S) fp32 or fp64
+    return (weights @ v.to(acc)).to(q.dtype)  # (B, H, T, D)
 
 
 def attention(
@@ -135,22 +185,23 @@ def attention(
 ) -> torch.Tensor:
     """Grouped attention: the G query heads of a group share one kv head, which is never copied.
 
-    Covers MHA (G = 1), GQA and MQA (K = 1). Matches `reference_attention`.
+    Covers MHA (G = 1), GQA and MQA (K = 1). Matches `reference_attention`. The two matmuls
+    run in the input dtype (as in Hugging Face's eager attention); the softmax runs in fp32.
     """
     _check_qkv(q, k, v)
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K
-    mask = _check_mask(mask, B, H, T, S)
+    mask = _check_mask(mask, B, H, T, S, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qg = q.reshape(B, K, G * T, D)  # (B, K, G*T, D): a group's queries stacked as rows
-    scores = (qg @ k.transpose(-1, -2)).float() * scale  # (B, K, G*T, S)
+    scores = (qg @ k.transpose(-1, -2)).to(_acc_dtype(q.dtype)) * scale  # (B, K, G*T, S)
     scores = scores.reshape(B, K, G, T, S)  # (B, K, G, T, S)
     if mask is not None:
-        b, h = mask.shape[:2]
-        # (b, h, T, S) -> (b, K, G, T, S) when per head, else (b, 1, 1, T, S)
-        mask = mask.reshape(b, K, G, T, S) if h == H else mask[:, :, None]
-    weights = _masked_softmax(scores, mask)  # (B, K, G, T, S) fp32
+        b, h, t, s = mask.shape
+        # per-head (b, H, t, s) -> (b, K, G, t, s); shared (b, 1, t, s) -> (b, 1, 1, t, s)
+        mask = mask.reshape(b, K, G, t, s) if h == H else mask[:, :, None]
+    weights = _masked_softmax(scores, mask)  # (B, K, G, T, S) fp32 or fp64
     weights = weights.reshape(B, K, G * T, S).to(v.dtype)  # (B, K, G*T, S)
     out = weights @ v  # (B, K, G*T, D)
     return out.reshape(B, H, T, D)  # (B, H, T, D)

@@ -96,6 +96,7 @@ class _CacheBookkeeping:
         self.dtype = dtype
         self.device = torch.device(device)
         self._len = [0] * n_layers  # slots written, per layer
+        self.elements_copied = 0  # elements written into cache memory by update(), ever
         self._start = torch.zeros(batch_size, dtype=torch.long, device=self.device)
 
     # ---- lengths ---------------------------------------------------------------------------
@@ -259,6 +260,7 @@ class KVCache(_CacheBookkeeping):
         self.keys[layer][:, :, pos : pos + T] = k
         self.values[layer][:, :, pos : pos + T] = v
         self._len[layer] = pos + T
+        self.elements_copied += k.numel() + v.numel()
         return self.keys[layer][:, :, : pos + T], self.values[layer][:, :, : pos + T]
 
     @property
@@ -307,6 +309,7 @@ class ConcatKVCache(_CacheBookkeeping):
         self.keys[layer] = torch.cat([self.keys[layer][:, :, :pos], k], dim=2)
         self.values[layer] = torch.cat([self.values[layer][:, :, :pos], v], dim=2)
         self._len[layer] = pos + k.shape[2]
+        self.elements_copied += self.keys[layer].numel() + self.values[layer].numel()
         return self.keys[layer], self.values[layer]
 
     @property

@@ -1,0 +1,688 @@
+"""Paged KV cache: a pool of fixed-size blocks, per-sequence block tables, paged attention.
+
+Memory is carved into blocks of `block_size` token slots, the way an operating system carves
+RAM into pages (Kwon et al. 2023, vLLM). One preallocated pool per layer for K and for V:
+
+    allocator.k_pool[layer], allocator.v_pool[layer]: (num_blocks, K, block_size, D)
+
+`k_pool[l][n, :, p]` is the key of one token, every kv head, in slot p of block n of layer l.
+A block id indexes every layer's pool: a sequence owns one block table, shared by the layers.
+Token i of a sequence lives in block `table[i // block_size]`, slot `i % block_size`; the
+blocks of one sequence need not be adjacent, so memory is handed out one block at a time, as
+the sequence grows, and at most `block_size - 1` slots per sequence sit unused.
+
+`PagedKVCache` keeps named sequences (integer ids) and an *active batch*: row b of every
+tensor the model sees is sequence `active[b]`. It implements the cache interface of
+`kvlib.cache` (update, seq_len, lengths, start, valid_mask, set_left_padding, crop, reset,
+nbytes_allocated, nbytes_used), so the same `Transformer` runs on it unchanged. The model
+sees the contiguous layout
+
+    update(...) -> k, v: (B, K, S, D)    row b's real tokens in slots [start[b], S)
+
+gathered from the pool (the gather reference path). Rows of different lengths are
+right-aligned, exactly like left padding; padding slots read as zeros and are never stored.
+
+Sharing: `fork` gives a new sequence the same blocks (reference counts go up);
+the first write into a shared block copies it first (copy-on-write). Preemption:
+`swap_out` moves a sequence's blocks to CPU memory and frees them; `swap_in` brings them back.
+
+`paged_attention` reads K/V through block tables directly: a gather reference, and a
+block-by-block version with an online softmax that never materializes a whole sequence.
+Softmax and its running sums are fp32; the output is cast back to the query dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from kvlib.attention import attention
+from kvlib.cache import KVCacheError, _CacheBookkeeping
+from kvlib.config import ModelConfig, dtype_bytes
+
+
+class OutOfBlocksError(KVCacheError):
+    """The block pool has too few free blocks; the failed call changed nothing."""
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _n_blocks(n_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold n_tokens tokens."""
+    return -(-n_tokens // block_size)
+
+
+class BlockAllocator:
+    """A pool of `num_blocks` blocks of `block_size` slots, with a free list and refcounts.
+
+    A block is free exactly when its reference count is 0. `allocate` hands out the lowest
+    free ids first (reproducible pictures), `incref` adds a holder, `free` drops one and
+    returns the block to the free list when the last holder lets go.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        num_blocks: int,
+        block_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        for name, value in (
+            ("n_layers", n_layers),
+            ("num_blocks", num_blocks),
+            ("block_size", block_size),
+            ("n_kv_heads", n_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            _check_positive_int(name, value)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.n_layers = n_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.n_kv_heads = n_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_blocks, n_kv_heads, block_size, head_dim)  # (num_blocks, K, block_size, D)
+        self.k_pool = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n_layers)]
+        self.v_pool = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n_layers)]
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id
+        self._ref = [0] * num_blocks
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int = 16,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> BlockAllocator:
+        """A pool shaped for `config`'s layers, kv heads and head dim."""
+        return cls(
+            config.n_layers,
+            num_blocks,
+            block_size,
+            config.n_kv_heads,
+            config.head_dim,
+            dtype=dtype,
+            device=device,
+        )
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Blocks nobody holds."""
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        """Blocks held by at least one sequence."""
+        return self.num_blocks - len(self._free)
+
+    def refcount(self, block: int) -> int:
+        """How many block tables hold `block`."""
+        self._check_block(block)
+        return self._ref[block]
+
+    def free_blocks(self) -> list[int]:
+        """Ids of the free blocks, sorted."""
+        return sorted(self._free)
+
+    def allocate(self, n: int = 1) -> list[int]:
+        """Take n free blocks (refcount 1 each); all or nothing."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"number of blocks must be a non-negative int, got {n!r}")
+        if n > len(self._free):
+            raise OutOfBlocksError(
+                f"need {n} blocks but only {len(self._free)} of {self.num_blocks} are free "
+                "(free or swap out a sequence, or make a larger pool)"
+            )
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self._ref[b] = 1
+        return blocks
+
+    def incref(self, block: int) -> None:
+        """One more table holds `block` (it must be in use already)."""
+        self._check_block(block)
+        if self._ref[block] == 0:
+            raise ValueError(f"block {block} is free; only a block in use can be shared")
+        self._ref[block] += 1
+
+    def free(self, block: int) -> None:
+        """One table lets go of `block`; at refcount 0 it returns to the free list."""
+        self._check_block(block)
+        if self._ref[block] == 0:
+            raise ValueError(f"block {block} is already free (double free)")
+        self._ref[block] -= 1
+        if self._ref[block] == 0:
+            self._free.append(block)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy every layer's K and V of block src into block dst (copy-on-write)."""
+        self._check_block(src)
+        self._check_block(dst)
+        for pool in self.k_pool + self.v_pool:
+            pool[dst] = pool[src]
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless free list and refcounts agree."""
+        free = set(self._free)
+        assert len(free) == len(self._free), f"free list has duplicates: {self._free}"
+        for b in range(self.num_blocks):
+            assert self._ref[b] >= 0, f"block {b} has negative refcount {self._ref[b]}"
+            assert (self._ref[b] == 0) == (b in free), (
+                f"block {b}: refcount {self._ref[b]} but {'in' if b in free else 'not in'} "
+                "the free list"
+            )
+
+    # ---- memory --------------------------------------------------------------------------------
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block over all layers, K and V."""
+        return (
+            2
+            * self.n_layers
+            * self.n_kv_heads
+            * self.block_size
+            * self.head_dim
+            * dtype_bytes(self.dtype)
+        )
+
+    @property
+    def nbytes_pool(self) -> int:
+        """Bytes of the whole preallocated pool."""
+        return self.num_blocks * self.block_nbytes
+
+    def _check_block(self, block: int) -> None:
+        if not isinstance(block, int) or isinstance(block, bool):
+            raise TypeError(f"block id must be an int, got {type(block).__name__}")
+        if not 0 <= block < self.num_blocks:
+            raise IndexError(f"block {block} out of range for a pool of {self.num_blocks} blocks")
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockAllocator(L={self.n_layers}, num_blocks={self.num_blocks}, "
+            f"block_size={self.block_size}, K={self.n_kv_heads}, D={self.head_dim}, "
+            f"free={self.num_free})"
+        )
+
+
+@dataclass
+class _Sequence:
+    """One sequence: its block table, tokens written per layer, and CPU copies when swapped."""
+
+    blocks: list[int]
+    lens: list[int]
+    swapped: tuple[list[torch.Tensor], list[torch.Tensor]] | None = field(default=None)
+
+
+class PagedKVCache(_CacheBookkeeping):
+    """KV cache in a block pool: named sequences, an active batch, the `KVCache` interface.
+
+    `PagedKVCache(allocator, batch_size)` creates `batch_size` empty sequences (ids
+    0..batch_size-1) and makes them the active batch, so it drops in wherever a `KVCache`
+    goes. `add_sequence`, `fork`, `set_active`, `swap_out`/`swap_in` and `free_sequence`
+    manage sequences between decode steps.
+    """
+
+    def __init__(self, allocator: BlockAllocator, batch_size: int = 1) -> None:
+        if not isinstance(allocator, BlockAllocator):
+            raise TypeError(f"allocator must be a BlockAllocator, got {type(allocator).__name__}")
+        _check_positive_int("batch_size", batch_size)
+        a = allocator
+        super().__init__(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, a.dtype, a.device)
+        self.allocator = allocator
+        self.block_size = allocator.block_size
+        self._seqs: dict[int, _Sequence] = {}
+        self._next_id = 0
+        self._active: list[int] = []
+        self._index_cache: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+        self._version = 0  # bumped whenever a block table or the active batch changes
+        self.set_active([self.add_sequence() for _ in range(batch_size)])
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ModelConfig,
+        batch_size: int = 1,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> PagedKVCache:
+        """A cache with its own pool of `num_blocks` blocks shaped for `config`."""
+        pool = BlockAllocator.from_config(
+            config, num_blocks, block_size, dtype=dtype, device=device
+        )
+        return cls(pool, batch_size)
+
+    # ---- sequences -------------------------------------------------------------------------------
+    @property
+    def active(self) -> list[int]:
+        """Sequence ids of the batch rows, in row order."""
+        return list(self._active)
+
+    @property
+    def sequences(self) -> list[int]:
+        """Every sequence id this cache holds (active, idle or swapped out)."""
+        return list(self._seqs)
+
+    def sequence_length(self, seq_id: int) -> int:
+        """Tokens cached for `seq_id` (in every layer)."""
+        return min(self._seq(seq_id).lens)
+
+    def block_table(self, seq_id: int) -> list[int]:
+        """A copy of the block ids of `seq_id`, in token order."""
+        return list(self._seq(seq_id).blocks)
+
+    def is_swapped(self, seq_id: int) -> bool:
+        """Whether `seq_id`'s blocks are in CPU memory (swapped out)."""
+        return self._seq(seq_id).swapped is not None
+
+    def add_sequence(self) -> int:
+        """A new empty sequence (not active until `set_active`); returns its id."""
+        seq_id = self._next_id
+        self._next_id += 1
+        self._seqs[seq_id] = _Sequence(blocks=[], lens=[0] * self.n_layers)
+        return seq_id
+
+    def set_active(self, seq_ids: list[int]) -> None:
+        """Make `seq_ids` the batch rows. Rows of different lengths are right-aligned."""
+        ids = list(seq_ids)
+        if not ids:
+            raise KVCacheError("the active batch needs at least one sequence")
+        if len(set(ids)) != len(ids):
+            raise KVCacheError(f"sequence ids repeat in {ids}; each row is a distinct sequence")
+        for i in ids:
+            seq = self._seq(i)
+            if seq.swapped is not None:
+                raise KVCacheError(f"sequence {i} is swapped out; swap_in({i}) before running it")
+        self._check_between_steps()
+        lens = [min(self._seqs[i].lens) for i in ids]
+        S = max(lens)
+        self._active = ids
+        self.batch_size = len(ids)
+        self._start = torch.tensor([S - n for n in lens], dtype=torch.long, device=self.device)
+        self._len = [S] * self.n_layers
+        self._version += 1
+
+    def fork(self, seq_id: int, n_tokens: int | None = None) -> int:
+        """A new sequence sharing the first n_tokens (default all) of `seq_id` by reference.
+
+        No K/V is copied: the blocks gain a holder. A later write into a shared, partly
+        filled block copies that block first (copy-on-write).
+        """
+        seq = self._seq(seq_id)
+        if seq.swapped is not None:
+            raise KVCacheError(f"sequence {seq_id} is swapped out; swap_in({seq_id}) first")
+        self._check_between_steps()
+        length = min(seq.lens)
+        n = length if n_tokens is None else n_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= length:
+            raise ValueError(f"n_tokens must be an int in [0, {length}], got {n_tokens!r}")
+        blocks = seq.blocks[: _n_blocks(n, self.block_size)]
+        for b in blocks:
+            self.allocator.incref(b)
+        new_id = self.add_sequence()
+        self._seqs[new_id] = _Sequence(blocks=list(blocks), lens=[n] * self.n_layers)
+        return new_id
+
+    def free_sequence(self, seq_id: int) -> None:
+        """Forget an inactive sequence and release its blocks (or its CPU copy)."""
+        seq = self._seq(seq_id)
+        if seq_id in self._active:
+            raise KVCacheError(
+                f"sequence {seq_id} is in the active batch {self._active}; "
+                "set_active without it first"
+            )
+        for b in seq.blocks:
+            self.allocator.free(b)
+        del self._seqs[seq_id]
+
+    def swap_out(self, seq_id: int) -> None:
+        """Copy an inactive sequence's blocks to CPU memory and release them (preemption)."""
+        seq = self._seq(seq_id)
+        if seq_id in self._active:
+            raise KVCacheError(
+                f"sequence {seq_id} is in the active batch {self._active}; "
+                "set_active without it before swapping it out"
+            )
+        if seq.swapped is not None:
+            raise KVCacheError(f"sequence {seq_id} is already swapped out")
+        idx = torch.tensor(seq.blocks, dtype=torch.long, device=self.device)
+        # each (n_blocks, K, block_size, D), on the CPU
+        k_cpu = [pool[idx].to("cpu") for pool in self.allocator.k_pool]
+        v_cpu = [pool[idx].to("cpu") for pool in self.allocator.v_pool]
+        for b in seq.blocks:
+            self.allocator.free(b)
+        seq.blocks = []
+        seq.swapped = (k_cpu, v_cpu)
+
+    def swap_in(self, seq_id: int) -> None:
+        """Bring a swapped-out sequence back into fresh blocks (all or nothing)."""
+        seq = self._seq(seq_id)
+        if seq.swapped is None:
+            raise KVCacheError(f"sequence {seq_id} is not swapped out")
+        k_cpu, v_cpu = seq.swapped
+        blocks = self.allocator.allocate(k_cpu[0].shape[0])  # may raise; nothing changed yet
+        idx = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        for layer in range(self.n_layers):
+            self.allocator.k_pool[layer][idx] = k_cpu[layer].to(self.device)
+            self.allocator.v_pool[layer][idx] = v_cpu[layer].to(self.device)
+        seq.blocks = blocks
+        seq.swapped = None
+
+    def block_tables(self) -> torch.Tensor:
+        """(B, M) int64 block table of the active rows, padded with -1 (M = longest table)."""
+        tables = [self._seqs[i].blocks for i in self._active]
+        M = max(1, max(len(t) for t in tables))
+        out = torch.full((len(tables), M), -1, dtype=torch.long)
+        for b, t in enumerate(tables):
+            out[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+        return out.to(self.device)
+
+    # ---- the cache interface ----------------------------------------------------------------------
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, K, T, D) to `layer`; return that layer's gathered (B, K, S, D).
+
+        Padding slots (view slots before start[b]) are dropped, not stored. Blocks are
+        allocated (and shared blocks copied) for every row before anything is written; if
+        the pool runs out, OutOfBlocksError is raised and no sequence has changed.
+        """
+        T = self._check_kv(layer, k, v, 2**62)
+        pos = self._len[layer]
+        P = self.block_size
+        start = self._start.tolist()
+        plans = []  # (row, seq, old, new): real tokens [old, new) get written
+        need_new, need_cow = 0, 0
+        for b, seq_id in enumerate(self._active):
+            seq = self._seqs[seq_id]
+            old, new = max(pos - start[b], 0), max(pos + T - start[b], 0)
+            if seq.lens[layer] != old:
+                raise KVCacheError(
+                    f"row {b} (sequence {seq_id}) holds {seq.lens[layer]} tokens in layer "
+                    f"{layer}, the batch view expects {old}"
+                )
+            if new > old:
+                need_new += max(_n_blocks(new, P) - len(seq.blocks), 0)
+                written = range(old // P, min(_n_blocks(new, P), len(seq.blocks)))
+                need_cow += sum(self.allocator.refcount(seq.blocks[j]) > 1 for j in written)
+            plans.append((b, seq, old, new))
+        if need_new + need_cow > self.allocator.num_free:
+            raise OutOfBlocksError(
+                f"this step needs {need_new} new blocks and {need_cow} copy-on-write copies "
+                f"but only {self.allocator.num_free} of {self.allocator.num_blocks} blocks are "
+                "free; nothing was written (swap out or free a sequence, then retry)"
+            )
+        rows, cols, blk, off = [], [], [], []
+        for b, seq, old, new in plans:
+            if new == old:
+                continue
+            for j in range(old // P, min(_n_blocks(new, P), len(seq.blocks))):
+                if self.allocator.refcount(seq.blocks[j]) > 1:  # shared: copy on write
+                    (fresh,) = self.allocator.allocate(1)
+                    self.allocator.copy_block(seq.blocks[j], fresh)
+                    self.allocator.free(seq.blocks[j])
+                    seq.blocks[j] = fresh
+            seq.blocks += self.allocator.allocate(max(_n_blocks(new, P) - len(seq.blocks), 0))
+            for r in range(old, new):
+                rows.append(b)
+                cols.append(r + start[b] - pos)  # the token's index t in [0, T)
+                blk.append(seq.blocks[r // P])
+                off.append(r % P)
+            seq.lens[layer] = new
+        self._version += 1
+        if rows:
+            dev = self.device
+            rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
+            blk_t, off_t = torch.tensor(blk, device=dev), torch.tensor(off, device=dev)
+            # pool[blk, :, off] is (n, K, D); k[rows, :, cols] is (n, K, D)
+            self.allocator.k_pool[layer][blk_t, :, off_t] = k[rows_t, :, cols_t]
+            self.allocator.v_pool[layer][blk_t, :, off_t] = v[rows_t, :, cols_t]
+        self._len[layer] = pos + T
+        return self._gather(layer, pos + T)
+
+    def _gather(self, layer: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active rows' first S view slots of `layer` as (B, K, S, D), padding zeroed."""
+        key = (S, self._active_tables_key())
+        if self._index_cache is None or self._index_cache[0] != key:
+            P = self.block_size
+            tables = self.block_tables().clamp(min=0)  # (B, M)
+            slots = torch.arange(S, device=self.device)  # (S,)
+            r = slots[None, :] - self._start[:, None]  # (B, S) token index in its sequence
+            valid = r >= 0  # (B, S)
+            r = r.clamp(min=0)
+            col = (r // P).clamp(max=tables.shape[1] - 1)  # (B, S)
+            blk = tables.gather(1, col)  # (B, S)
+            self._index_cache = (key, (blk, r % P, valid))
+        blk, off, valid = self._index_cache[1]
+        k = self.allocator.k_pool[layer][blk, :, off]  # (B, S, K, D)
+        v = self.allocator.v_pool[layer][blk, :, off]  # (B, S, K, D)
+        keep = valid[:, :, None, None]  # (B, S, 1, 1)
+        k = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
+        v = torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        return k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # (B, K, S, D)
+
+    def _active_tables_key(self) -> tuple:
+        return tuple(tuple(self._seqs[i].blocks) for i in self._active) + (
+            tuple(self._start.tolist()),
+        )
+
+    def crop(self, n: int) -> None:
+        """Keep the first n view slots; blocks past each row's new end are released."""
+        super().crop(n)  # validates, sets the view length
+        start = self._start.tolist()
+        for b, seq_id in enumerate(self._active):
+            seq = self._seqs[seq_id]
+            keep = max(n - start[b], 0)
+            for blk in seq.blocks[_n_blocks(keep, self.block_size) :]:
+                self.allocator.free(blk)
+            del seq.blocks[_n_blocks(keep, self.block_size) :]
+            seq.lens = [keep] * self.n_layers
+            start[b] = n - keep
+        self._start = torch.tensor(start, dtype=torch.long, device=self.device)
+        self._version += 1
+
+    def reset(self) -> None:
+        """Empty every active sequence and release its blocks (idle sequences are kept)."""
+        for seq_id in self._active:
+            seq = self._seqs[seq_id]
+            for blk in seq.blocks:
+                self.allocator.free(blk)
+            seq.blocks = []
+            seq.lens = [0] * self.n_layers
+        super().reset()
+        self._version += 1
+
+    # ---- memory ------------------------------------------------------------------------------------
+    def _block_fill(self) -> dict[int, int]:
+        """Resident block id -> slots holding tokens (a shared block counts once)."""
+        fill: dict[int, int] = {}
+        P = self.block_size
+        for seq in self._seqs.values():
+            n = min(seq.lens)
+            for j, blk in enumerate(seq.blocks):
+                fill[blk] = max(fill.get(blk, 0), min(max(n - j * P, 0), P))
+        return fill
+
+    @property
+    def nbytes_allocated(self) -> int:
+        """Bytes of the blocks this cache's sequences hold (shared blocks once)."""
+        return len(self._block_fill()) * self.allocator.block_nbytes
+
+    @property
+    def nbytes_used(self) -> int:
+        """Bytes of those blocks that hold tokens (shared tokens once)."""
+        return sum(self._block_fill().values()) * self._token_bytes()
+
+    # ---- checks ------------------------------------------------------------------------------------
+    def _seq(self, seq_id: int) -> _Sequence:
+        if not isinstance(seq_id, int) or isinstance(seq_id, bool):
+            raise TypeError(f"sequence id must be an int, got {type(seq_id).__name__}")
+        if seq_id not in self._seqs:
+            raise KeyError(f"no sequence {seq_id}; known sequences: {sorted(self._seqs)}")
+        return self._seqs[seq_id]
+
+    def _check_between_steps(self) -> None:
+        if len(set(self._len)) != 1:
+            raise KVCacheError(
+                f"layers hold different lengths {self._len}: finish the forward pass first"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"PagedKVCache(L={self.n_layers}, active={self._active}, "
+            f"block_size={self.block_size}, seq_len={self.seq_len}, "
+            f"blocks_used={self.allocator.num_used}/{self.allocator.num_blocks})"
+        )
+
+
+# ---- paged attention ----------------------------------------------------------------------------
+def _check_paged_args(
+    q: torch.Tensor,
+    pool: BlockAllocator,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    layer: int,
+) -> None:
+    if not isinstance(pool, BlockAllocator):
+        raise TypeError(f"pool must be a BlockAllocator, got {type(pool).__name__}")
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < pool.n_layers:
+        raise IndexError(f"layer must be an int in [0, {pool.n_layers}), got {layer!r}")
+    if not isinstance(q, torch.Tensor) or q.ndim != 4:
+        raise ValueError(f"q must be a (B, H, T, D) tensor, got {getattr(q, 'shape', q)!r}")
+    B, H, T, D = q.shape
+    if D != pool.head_dim or H % pool.n_kv_heads:
+        raise ValueError(
+            f"q has H={H}, D={D}; the pool holds K={pool.n_kv_heads} kv heads of "
+            f"D={pool.head_dim} (H must be a multiple of K)"
+        )
+    if q.dtype != pool.dtype:
+        raise TypeError(f"q has dtype {q.dtype}, the pool holds {pool.dtype}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != B or block_tables.dtype.is_floating_point:
+        raise ValueError(
+            f"block_tables must be an integer (B={B}, M) tensor, got "
+            f"{tuple(block_tables.shape)} {block_tables.dtype}"
+        )
+    if seq_lens.shape != (B,) or seq_lens.dtype.is_floating_point:
+        raise ValueError(
+            f"seq_lens must be an integer ({B},) tensor, got {tuple(seq_lens.shape)} "
+            f"{seq_lens.dtype}"
+        )
+    if bool((seq_lens < T).any()):
+        raise ValueError(
+            f"every sequence must hold its {T} query tokens, got seq_lens={seq_lens.tolist()}"
+        )
+    P, M = pool.block_size, block_tables.shape[1]
+    if bool((seq_lens > M * P).any()):
+        raise ValueError(
+            f"seq_lens {seq_lens.tolist()} exceed the {M} blocks x {P} slots of block_tables"
+        )
+    needed = torch.arange(M, device=block_tables.device)[None, :] * P < seq_lens[:, None]
+    ids = block_tables[needed]
+    if bool(((ids < 0) | (ids >= pool.num_blocks)).any()):
+        raise IndexError(
+            f"block_tables name blocks outside [0, {pool.num_blocks}) where tokens are expected"
+        )
+
+
+def gather_kv(
+    pool: BlockAllocator, block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy each sequence's K/V out of the pool: (B, K, S, D) each, S = max(seq_lens).
+
+    Row b's tokens sit left-aligned in slots [0, seq_lens[b]); also returns the (B, S) bool
+    mask of those slots. Positions past a row's length read block 0 and are masked.
+    """
+    P = pool.block_size
+    S = int(seq_lens.max())
+    r = torch.arange(S, device=block_tables.device)  # (S,)
+    col = (r // P).clamp(max=block_tables.shape[1] - 1)  # (S,)
+    blk = block_tables[:, col].clamp(min=0)  # (B, S)
+    off = (r % P)[None, :].expand_as(blk)  # (B, S)
+    k = pool.k_pool[layer][blk, :, off].permute(0, 2, 1, 3)  # (B, S, K, D) -> (B, K, S, D)
+    v = pool.v_pool[layer][blk, :, off].permute(0, 2, 1, 3)  # (B, S, K, D) -> (B, K, S, D)
+    valid = r[None, :] < seq_lens[:, None]  # (B, S)
+    return k, v, valid
+
+
+def paged_attention(
+    q: torch.Tensor,
+    pool: BlockAllocator,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    layer: int,
+    *,
+    scale: float | None = None,
+    method: str = "blocks",
+) -> torch.Tensor:
+    """Attention of each sequence's last T tokens over its cached K/V, read through block tables.
+
+    q: (B, H, T, D), the queries of tokens [seq_lens[b] - T, seq_lens[b]) of row b, whose
+    keys are already in the pool; block_tables: (B, M) ids (-1 past the end); seq_lens: (B,).
+    Causal: query t of row b sees positions <= seq_lens[b] - T + t. Returns (B, H, T, D).
+
+    method="gather": copy K/V into (B, K, S, D) and call `kvlib.attention.attention`
+    (the reference). method="blocks": visit one block at a time with an online softmax
+    (running max m, running denominator l, fp32 accumulator), never holding more than one
+    block of K/V. GQA: the G query heads of a kv head share its blocks.
+    """
+    if method not in ("blocks", "gather"):
+        raise ValueError(f"method must be 'blocks' or 'gather', got {method!r}")
+    _check_paged_args(q, pool, block_tables, seq_lens, layer)
+    B, H, T, D = q.shape
+    K = pool.n_kv_heads
+    G = H // K
+    P = pool.block_size
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    dev = q.device
+    q_pos = seq_lens[:, None] - T + torch.arange(T, device=dev)[None, :]  # (B, T)
+
+    if method == "gather":
+        k, v, valid = gather_kv(pool, block_tables, seq_lens, layer)  # (B, K, S, D), (B, S)
+        S = k.shape[2]
+        k_pos = torch.arange(S, device=dev)  # (S,)
+        mask = valid[:, None, :] & (k_pos[None, None, :] <= q_pos[:, :, None])  # (B, T, S)
+        return attention(q, k, v, mask[:, None], scale=scale)  # (B, H, T, D)
+
+    qg = q.reshape(B, K, G * T, D).float()  # (B, K, G*T, D): rows ordered (g, t)
+    q_pos_g = q_pos[:, None, :].expand(B, G, T).reshape(B, 1, G * T, 1)  # (B, 1, G*T, 1)
+    m = torch.full((B, K, G * T), float("-inf"), device=dev)  # running max
+    l = torch.zeros((B, K, G * T), device=dev)  # running softmax denominator
+    acc = torch.zeros((B, K, G * T, D), device=dev)  # running numerator
+    k_pool, v_pool = pool.k_pool[layer], pool.v_pool[layer]
+    for j in range(_n_blocks(int(seq_lens.max()), P)):
+        ids = block_tables[:, j].clamp(min=0)  # (B,)
+        kb = k_pool[ids].float()  # (B, K, P, D): one block per sequence
+        vb = v_pool[ids].float()  # (B, K, P, D)
+        k_pos = j * P + torch.arange(P, device=dev)  # (P,)
+        visible = (k_pos[None, :] < seq_lens[:, None])[:, None, None, :] & (
+            k_pos[None, None, None, :] <= q_pos_g
+        )  # (B, 1, G*T, P)
+        s = (qg @ kb.transpose(-1, -2)) * scale  # (B, K, G*T, P)
+        s = s.masked_fill(~visible, float("-inf"))
+        m_new = torch.maximum(m, s.amax(dim=-1))  # (B, K, G*T)
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(m - m_safe)  # rescales what was summed under the old max
+        p = torch.exp(s - m_safe[..., None])  # (B, K, G*T, P)
+        l = l * alpha + p.sum(dim=-1)
+        acc = acc * alpha[..., None] + p @ vb  # (B, K, G*T, D)
+        m = m_new
+    out = acc / l.clamp(min=torch.finfo(torch.float32).tiny)[..., None]  # (B, K, G*T, D)
+    return out.reshape(B, H, T, D).to(q.dtype)  # (B, H, T, D)

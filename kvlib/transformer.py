@@ -1,0 +1,344 @@
+"""A Llama-style decoder that reads and writes a KV cache.
+
+Each block: x + Attention(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)). Attention is grouped-query
+(H query heads share K kv heads) with rotary position embeddings (RoPE) in the Llama / Hugging
+Face "rotate_half" convention, so Hugging Face Llama weights load without any permutation.
+
+Shapes:
+    tokens: (B, T) int64            T new tokens per row
+    hidden states x: (B, T, C)
+    q: (B, H, T, D)   k, v: (B, K, T, D) new, (B, K, S, D) with the cache
+    rope tables cos, sin: (max_seq_len, D) fp32; gathered per position to (B, 1, T, D)
+    logits: (B, T, V)
+
+With a cache, the T new tokens sit in slots [S - T, S) of an S-slot history, so the causal mask
+is aligned bottom-right (`causal_mask(T, S)`). Left padding (chapter 4) is declared once, on an
+empty cache, from an `attention_mask`; a padded row's real tokens get positions 0, 1, ... exactly
+as if the row ran alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvlib.attention import attention, causal_mask
+from kvlib.cache import CacheFullError
+from kvlib.config import ModelConfig
+
+# ---- building blocks ---------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, with the mean taken in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., C) fp32
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(
+    head_dim: int,
+    max_seq_len: int,
+    theta: float = 10000.0,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (max_seq_len, D) fp32, for positions 0 .. max_seq_len - 1.
+
+    Channel pair (i, i + D/2) rotates at frequency theta^(-2i/D): the "rotate_half" layout.
+    """
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    )  # (D/2,)
+    pos = torch.arange(max_seq_len, dtype=torch.float32, device=device)  # (S_max,)
+    freqs = pos[:, None] * inv_freq[None, :]  # (S_max, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (S_max, D)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last axis."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, D) by the angles of its positions; cos, sin broadcast to x."""
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; writes its new keys and values to a cache."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C, H, K, D = config.dim, config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = H, K, D
+        self.wq = nn.Linear(C, H * D, bias=False)
+        self.wk = nn.Linear(C, K * D, bias=False)
+        self.wv = nn.Linear(C, K * D, bias=False)
+        self.wo = nn.Linear(H * D, C, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache=None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = self.wv(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # The cache may store another float dtype (e.g. a bf16 cache for an fp32 model).
+            kv_dtype = getattr(cache, "dtype", k.dtype)
+            if kv_dtype != k.dtype and kv_dtype.is_floating_point:
+                k, v = k.to(kv_dtype), v.to(kv_dtype)
+            k, v = cache.update(layer, k, v)  # (B, K, S, D) each
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        out = attention(q, k, v, mask)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.wo(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: attention and MLP, each added to the residual stream."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ---- padding and positions ---------------------------------------------------------------------
+
+
+def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask of left-padded rows -> (B,) int64 number of padding tokens per row.
+
+    Raises ValueError unless every row is zeros then ones (at least one 1).
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
+        raise ValueError(
+            f"attention_mask must be a (B, T) tensor of 0/1, got "
+            f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}"
+        )
+    m = attention_mask.long()
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    if m.shape[1] > 1 and bool((m[:, 1:] < m[:, :-1]).any()):
+        rows = torch.nonzero((m[:, 1:] < m[:, :-1]).any(1)).flatten().tolist()
+        raise ValueError(
+            f"attention_mask rows {rows} have a 1 followed by a 0: only LEFT padding is "
+            "supported (pad at the start of each row, real tokens last)"
+        )
+    n_real = m.sum(1)  # (B,)
+    if bool((n_real == 0).any()):
+        rows = torch.nonzero(n_real == 0).flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows} have no real tokens")
+    return m.shape[1] - n_real  # (B,)
+
+
+def position_ids(start: torch.Tensor, seq_len_before: int, T: int) -> torch.Tensor:
+    """(B, T) RoPE positions of T new tokens after `seq_len_before` slots.
+
+    pos[b, t] = seq_len_before + t - start[b], clamped at 0 (padding slots get position 0),
+    so a left-padded row's real tokens are numbered 0, 1, ... as if the row ran alone.
+    """
+    slots = torch.arange(seq_len_before, seq_len_before + T, device=start.device)  # (T,)
+    return (slots[None, :] - start[:, None]).clamp(min=0)  # (B, T)
+
+
+# ---- the model ---------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    """Llama-style decoder: embeddings, L blocks, final RMSNorm, output head.
+
+    `forward(tokens, cache=None, attention_mask=None)` returns logits (B, T, V). Without a cache
+    the T tokens attend causally to each other; with one, they attend to every cached slot and
+    to themselves, and their keys and values are appended to the cache.
+    """
+
+    def __init__(self, config: ModelConfig, init_std: float = 0.02) -> None:
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (S_max, D) fp32
+        self.register_buffer("rope_sin", sin, persistent=False)  # (S_max, D) fp32
+        self.init_weights(init_std)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) for embeddings and projections, ones for the norms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) would round the RoPE tables; rebuild them in fp32 on the new device instead.
+        super()._apply(fn, recurse)
+        c = self.config
+        device = self.tok_embeddings.weight.device
+        self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    # ---- checks (all before the cache is touched) -------------------------------------------
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be int64 token ids, got {tokens.dtype}")
+        if tokens.ndim != 2:
+            raise ValueError(
+                f"tokens must have shape (B, T), got {tuple(tokens.shape)} "
+                "(add a batch axis with tokens[None])"
+            )
+        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+            raise ValueError(f"empty input: tokens has shape {tuple(tokens.shape)}")
+        V = self.config.vocab_size
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token ids must be in [0, {V}), got values in [{lo}, {hi}]")
+
+    def _check_cache(self, cache, B: int, T: int) -> int:
+        """Validate the cache against the config and the new tokens; return its seq_len."""
+        c = self.config
+        for name, want in (("n_layers", c.n_layers), ("n_kv_heads", c.n_kv_heads)):
+            got = getattr(cache, name, want)
+            if got != want:
+                raise ValueError(f"cache has {name}={got}, the model needs {want}")
+        got_d = getattr(cache, "head_dim", c.head_dim)
+        if got_d != c.head_dim:
+            raise ValueError(f"cache has head_dim={got_d}, the model needs {c.head_dim}")
+        if cache.batch_size != B:
+            raise ValueError(f"cache holds {cache.batch_size} rows, tokens have B={B}")
+        S0 = cache.seq_len
+        capacity = getattr(cache, "max_seq_len", None)
+        if capacity is not None and S0 + T > capacity:
+            raise CacheFullError(
+                f"cache holds {S0} of {capacity} slots; {T} new tokens would overflow it "
+                "(allocate a larger cache)"
+            )
+        return S0
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for T new tokens (B, 1, V) with last_only), appending to `cache`.
+
+        attention_mask: (B, T) 0/1 for left-padded rows; only on an empty cache (or no cache).
+        """
+        self._check_tokens(tokens)
+        B, T = tokens.shape
+        S0 = 0 if cache is None else self._check_cache(cache, B, T)
+        if S0 + T > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {S0 + T} tokens exceeds config.max_seq_len="
+                f"{self.config.max_seq_len} (the RoPE table's length)"
+            )
+        n_pad = None
+        if attention_mask is not None:
+            if S0 > 0:
+                raise ValueError(
+                    f"attention_mask describes left padding of a prompt and needs an empty "
+                    f"cache; this one holds {S0} tokens (padding is kept by the cache)"
+                )
+            if tuple(attention_mask.shape) != (B, T):
+                raise ValueError(
+                    f"attention_mask must have the shape of tokens {(B, T)}, "
+                    f"got {tuple(attention_mask.shape)}"
+                )
+            n_pad = left_padding(attention_mask).to(tokens.device)  # (B,)
+        S = S0 + T
+        if cache is not None:
+            if n_pad is not None:
+                cache.set_left_padding(n_pad)
+            start = cache.start  # (B,)
+        else:
+            start = torch.zeros(B, dtype=torch.long, device=tokens.device) if n_pad is None else n_pad
+        pos = position_ids(start, S0, T)  # (B, T)
+        mask = causal_mask(T, S, device=tokens.device)[None, None]  # (1, 1, T, S)
+        if cache is not None:
+            valid = cache.valid_mask(S)  # (B, S)
+        else:
+            slots = torch.arange(S, device=tokens.device)  # (S,)
+            valid = slots[None, :] >= start[:, None]  # (B, S)
+        mask = mask & valid[:, None, None, :]  # (B, 1, T, S)
+        return self._forward(tokens, pos, mask, cache, last_only)
+
+    def _forward(
+        self,
+        tokens: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache=None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """The unchecked forward pass (generate's decode loop calls it with precomputed
+        positions (B, T) and mask (B or 1, 1, T, S), or mask=None when every slot is visible)."""
+        x = self.tok_embeddings(tokens)  # (B, T, C)
+        cos = self.rope_cos[pos][:, None]  # (B, 1, T, D)
+        sin = self.rope_sin[pos][:, None]  # (B, 1, T, D)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        return self.output(self.norm(x))  # (B, T, V)

@@ -1,0 +1,121 @@
+"""The notebook contract: every chapter has the same bootstrap, goals, summary, executed outputs,
+exercises with checks and solution markers, and no copies of kvlib code."""
+
+import ast
+import inspect
+import json
+import pkgutil
+import re
+import textwrap
+
+import pytest
+
+import kvlib
+from kvlib.notebook import BOOTSTRAP
+from tests.toc import ROOT, notebooks, toc_files
+
+NOTEBOOKS = notebooks()
+
+
+def _load(path):
+    return json.loads(path.read_text())
+
+
+def _src(cell) -> str:
+    return "".join(cell["source"])
+
+
+def _code(nb):
+    return [c for c in nb["cells"] if c["cell_type"] == "code" and _src(c).strip()]
+
+
+def test_toc_lists_existing_documents_and_every_chapter_notebook():
+    for name in toc_files():
+        assert any((ROOT / f"{name}{ext}").exists() for ext in (".md", ".ipynb")), name
+    listed = {p.name for p in NOTEBOOKS}
+    on_disk = {p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    assert on_disk <= listed, f"chapter notebooks missing from _toc.yml: {sorted(on_disk - listed)}"
+    assert NOTEBOOKS, "no chapter notebooks in _toc.yml"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_first_code_cell_is_the_bootstrap(path):
+    assert _src(_code(_load(path))[0]) == BOOTSTRAP
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_goals_summary_and_whats_next(path):
+    nb = _load(path)
+    markdown = [_src(c) for c in nb["cells"] if c["cell_type"] == "markdown"]
+    assert markdown[0].startswith("# "), "the first cell is the chapter title"
+    assert "Learning goals" in markdown[0]
+    text = "\n".join(markdown)
+    assert "Summary" in text and "What's next" in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_executed_in_order(path):
+    nb = _load(path)
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    counts = [c["execution_count"] for c in _code(nb)]
+    assert counts == list(range(1, len(counts) + 1)), f"execution counts {counts}"
+    for cell in _code(nb):
+        assert "NBVAL_" not in _src(cell), "use cell tags, not # NBVAL_ comments"
+        for out in cell.get("outputs", []):
+            assert out.get("output_type") != "error", f"committed error output: {_src(cell)[:60]}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercises_have_solutions_and_checks(path):
+    nb = _load(path)
+    cells = nb["cells"]
+    labels = []
+    for i, cell in enumerate(cells):
+        src = _src(cell)
+        m = re.search(r"```\{exercise\}.*\n:label: (ex-\d\d-[\w-]+)", src)
+        if cell["cell_type"] == "markdown" and m:
+            labels.append(m.group(1))
+            start, code, end, check = cells[i + 1 : i + 5]
+            assert f"{{solution-start}} {m.group(1)}" in _src(start)
+            assert ":class: dropdown" in _src(start), "solutions are togglable"
+            body = _src(code)
+            assert "### BEGIN SOLUTION" in body and "### END SOLUTION" in body
+            assert "{solution-end}" in _src(end)
+            assert re.search(r"check_\w+\(", _src(check)), "a check call follows the solution"
+            assert "BEGIN SOLUTION" not in _src(check)
+    assert len(labels) >= 2, f"{path.name} has {len(labels)} exercises; the contract asks 2-3"
+    chapter = path.name[:2]
+    assert all(label.startswith(f"ex-{chapter}-") for label in labels), labels
+
+
+def _kvlib_function_bodies() -> set[str]:
+    bodies = set()
+    for info in pkgutil.walk_packages(kvlib.__path__, "kvlib."):
+        if info.name.startswith("kvlib.exercises"):
+            continue
+        module = __import__(info.name, fromlist=["_"])
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(module)))
+        except (OSError, TypeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and len(node.body) > 2:
+                bodies.add(ast.dump(ast.Module(body=node.body[1:], type_ignores=[])))
+    return bodies
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_do_not_copy_kvlib_functions(path):
+    bodies = _kvlib_function_bodies()
+    for cell in _code(_load(path)):
+        source = "\n".join(
+            line for line in _src(cell).splitlines() if not line.lstrip().startswith(("%", "!"))
+        )
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and len(node.body) > 2:
+                dump = ast.dump(ast.Module(body=node.body[1:], type_ignores=[]))
+                assert dump not in bodies, f"{node.name} in {path.name} copies a kvlib function"
