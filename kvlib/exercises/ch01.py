@@ -1,0 +1,57 @@
+"""Checks for chapter 1's exercises (the KV cache data structure)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvlib.cache import ConcatKVCache, KVCache
+from kvlib.exercises import correct, expect
+from kvlib.memory import get_model
+
+
+def check_bytes_per_token(
+    answer: int, model: str = "Llama-3-8B", dtype: torch.dtype = torch.bfloat16
+) -> None:
+    """The KV cache bytes one token costs in `model` at `dtype`, over all layers."""
+    config = get_model(model)
+    expected = config.kv_bytes_per_token(dtype)
+    expect(
+        isinstance(answer, int), f"answer with an int number of bytes, not {type(answer).__name__}"
+    )
+    expect(answer != expected // 2, "K and V are both cached: count 2 tensors per layer")
+    expect(
+        answer != expected * config.group_size,
+        f"{model} uses GQA: the cache holds n_kv_heads={config.n_kv_heads} heads, not n_heads",
+    )
+    expect(
+        answer == expected, f"{answer:,} bytes is not right: use 2 * L * K * D * bytes per element"
+    )
+    correct(f"{model} caches {expected:,} bytes per token in {dtype}")
+
+
+def check_concat_copies(answer: int, n_steps: int, elements_per_token: int) -> None:
+    """Elements a torch.cat cache writes over n_steps one-token appends (one tensor, one layer)."""
+    cache = ConcatKVCache(1, 1, 1, elements_per_token)
+    one = torch.zeros(1, 1, 1, elements_per_token)
+    for _ in range(n_steps):
+        cache.update(0, one, one)
+    expected = cache.elements_copied // 2  # the cache counts K and V; the question asks one tensor
+    expect(
+        answer != n_steps * elements_per_token,
+        "that is what the preallocated cache writes; torch.cat copies the history every step",
+    )
+    expect(answer == expected, f"{answer:,} is not right: step i copies i tokens")
+    correct(f"{expected:,} elements copied, against {n_steps * elements_per_token:,} preallocated")
+
+
+def check_rollback(cache: KVCache, accepted_len: int, reference: KVCache) -> None:
+    """`cache` was rolled back to the `accepted_len` tokens that `reference` holds."""
+    expect(
+        cache.seq_len == accepted_len,
+        f"the cache holds {cache.seq_len} tokens; it should hold {accepted_len}",
+    )
+    for layer in range(cache.n_layers):
+        n = accepted_len
+        same = torch.equal(cache.keys[layer][:, :, :n], reference.keys[layer][:, :, :n])
+        expect(same, f"layer {layer}: the kept tokens changed; crop should not touch them")
+    correct(f"rolled back to {accepted_len} tokens")
