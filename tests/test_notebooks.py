@@ -71,18 +71,28 @@ def test_exercises_have_solutions_and_checks(path):
     cells = nb["cells"]
     labels = []
     for i, cell in enumerate(cells):
-        src = _src(cell)
-        m = re.search(r"```\{exercise\}.*\n:label: (ex-\d\d-[\w-]+)", src)
-        if cell["cell_type"] == "markdown" and m:
-            labels.append(m.group(1))
-            start, code, end, check = cells[i + 1 : i + 5]
-            assert f"{{solution-start}} {m.group(1)}" in _src(start)
-            assert ":class: dropdown" in _src(start), "solutions are togglable"
-            body = _src(code)
-            assert "### BEGIN SOLUTION" in body and "### END SOLUTION" in body
-            assert "{solution-end}" in _src(end)
-            assert re.search(r"check_\w+\(", _src(check)), "a check call follows the solution"
-            assert "BEGIN SOLUTION" not in _src(check)
+        m = re.search(r"```\{exercise\}.*\n:label: (ex-\d\d-[\w-]+)", _src(cell))
+        if cell["cell_type"] != "markdown" or not m:
+            continue
+        label = m.group(1)
+        labels.append(label)
+        # setup cells may sit between the statement and its solution
+        j = next(
+            (
+                j
+                for j in range(i + 1, len(cells))
+                if f"{{solution-start}} {label}" in _src(cells[j])
+            ),
+            None,
+        )
+        assert j is not None, f"{label} has no solution-start"
+        start, code, end, check = cells[j : j + 4]
+        assert ":class: dropdown" in _src(start), "solutions are togglable"
+        body = _src(code)
+        assert "### BEGIN SOLUTION" in body and "### END SOLUTION" in body
+        assert "{solution-end}" in _src(end)
+        assert re.search(r"check_\w+\(", _src(check)), "a check call follows the solution"
+        assert "BEGIN SOLUTION" not in _src(check)
     assert len(labels) >= 2, f"{path.name} has {len(labels)} exercises; the contract asks 2-3"
     chapter = path.name[:2]
     assert all(label.startswith(f"ex-{chapter}-") for label in labels), labels
