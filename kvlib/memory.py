@@ -1,20 +1,148 @@
-"""KV cache memory: bytes per token, the registry of published model configurations.
+"""KV cache memory at scale: bytes per token, published models and GPUs, max context and batch.
 
-`MODELS` is the one place published configurations live (chapter 9 extends it); each entry
-cites its source in book/references.bib. Units: bytes are bytes; GB = 1e9 bytes,
-GiB = 2**30 bytes, and every function says which it returns.
+What one token costs, per layer, by attention kind (C model dim, H query heads, K kv heads,
+D head dim, L layers, d_c MLA latent width, d_r MLA decoupled-RoPE key width):
+
+    MHA / GQA / MQA   K and V rows: 2 * K * D numbers     (MHA: K = H; MQA: K = 1)
+    MLA               one latent c_kv and one RoPE key: d_c + d_r numbers, shared by all heads
+
+A cache of S tokens for B sequences holds B * S * L * (numbers per token per layer) elements,
+laid out (B, K, S, D) per layer for K and for V in `kvlib.cache.KVCache`; the formulas here
+count exactly what that layout allocates (a test compares them). Variants:
+
+    sliding window W    the cache keeps the last W tokens: S is capped at W
+    quantized cache     `KVQuant(bits, group_size, overhead_bytes)`: bits/8 bytes per number plus
+                        `overhead_bytes` (scale, zero point) per group of `group_size` numbers
+    tensor parallel tp  per GPU: K / tp kv heads; when tp > K each GPU keeps one kv head, so the
+                        heads are replicated tp / K times; an MLA latent is replicated on every GPU
+
+`MODELS` is the one place published configurations live; facts a `ModelConfig` cannot hold
+(MLA widths, sliding window, parameter counts of non-Llama architectures) live in `EXTRAS`,
+keyed by the same names. `GPUS` lists accelerators with memory, bandwidth and peak dense
+fp16/bf16 tensor FLOP/s. Each entry cites its source (a key of book/references.bib) in
+`SOURCES`.
+
+Units: bytes are bytes; GB = 1e9 bytes and GiB = 2**30 bytes (`GB`, `GiB` below); every
+function returns bytes or tokens, never GB. GPU datasheets write "80GB" for a memory capacity
+that is 80 GiB (nvidia-smi lists an A100 80GB as 81920 MiB), while bandwidths in GB/s and TB/s
+are decimal; `GPU` stores both in plain bytes and bytes/s.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from kvlib.config import ModelConfig
+from kvlib.config import ModelConfig, dtype_bytes
 
-# name -> published configuration; SOURCES[name] is the bibtex key of its source
+KiB = 2**10
+MiB = 2**20
+GiB = 2**30
+KB = 10**3
+MB = 10**6
+GB = 10**9
+TB = 10**12
+
+
+class UnknownNameError(KeyError):
+    """A model or GPU name that is not registered (the message suggests the closest names)."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+class DoesNotFitError(ValueError):
+    """The model's weights plus the reserved memory exceed the GPU's memory."""
+
+
+# ---- models ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MLA:
+    """Multi-head latent attention (DeepSeek-V2): what one token caches in one layer."""
+
+    kv_lora_rank: int  # d_c: width of the compressed latent c_kv, shared by all heads
+    rope_head_dim: int  # d_r: the decoupled RoPE key, also shared by all heads
+
+    @property
+    def elements_per_token_per_layer(self) -> int:
+        """d_c + d_r numbers per token per layer."""
+        return self.kv_lora_rank + self.rope_head_dim
+
+
+@dataclass(frozen=True)
+class ModelExtras:
+    """Facts about a published model that `ModelConfig` (a Llama-style decoder) lacks."""
+
+    mla: MLA | None = None  # cache a latent instead of per-head K and V
+    sliding_window: int | None = None  # every layer attends to (and caches) the last W tokens
+    n_params: int | None = None  # when the Llama parameter formula does not apply
+    note: str = ""
+
+
+def gpt_n_params(vocab_size: int, dim: int, n_layers: int, ffn_dim: int, n_positions: int) -> int:
+    """Parameters of a GPT-2/OPT-style decoder (learned positions, LayerNorm, biases, tied head).
+
+    Per layer: QKV and output projections 4*C*C + 4*C biases, MLP 2*C*F + F + C,
+    two LayerNorms 4*C; plus token and position embeddings and a final LayerNorm.
+    """
+    c, f = dim, ffn_dim
+    per_layer = (4 * c * c + 4 * c) + (2 * c * f + f + c) + 4 * c
+    return vocab_size * c + n_positions * c + n_layers * per_layer + 2 * c
+
+
+# name -> published configuration; SOURCES[name] is the bibtex key of its source.
+# GPT-2, OPT and DeepSeek-V2 are not Llama-style: their KV shapes are exact here, their
+# parameter counts come from EXTRAS.
 MODELS: dict[str, ModelConfig] = {
+    # GPT-2 small (124M): the original MHA decoder, 12 heads of 64.
+    "GPT-2": ModelConfig(
+        vocab_size=50257,
+        dim=768,
+        n_layers=12,
+        n_heads=12,
+        ffn_dim=3072,
+        max_seq_len=1024,
+        tie_embeddings=True,
+        name="GPT-2",
+    ),
+    # GPT-2 XL (1.5B): 25 heads of 64.
+    "GPT-2-XL": ModelConfig(
+        vocab_size=50257,
+        dim=1600,
+        n_layers=48,
+        n_heads=25,
+        ffn_dim=6400,
+        max_seq_len=1024,
+        tie_embeddings=True,
+        name="GPT-2-XL",
+    ),
+    # The vLLM paper's worked example (section 3): 800 KB of KV cache per token.
+    "OPT-13B": ModelConfig(
+        vocab_size=50272,
+        dim=5120,
+        n_layers=40,
+        n_heads=40,
+        ffn_dim=20480,
+        max_seq_len=2048,
+        tie_embeddings=True,
+        name="OPT-13B",
+    ),
+    "LLaMA-13B": ModelConfig(
+        vocab_size=32000,
+        dim=5120,
+        n_layers=40,
+        n_heads=40,
+        ffn_dim=13824,
+        max_seq_len=2048,
+        norm_eps=1e-6,
+        name="LLaMA-13B",
+    ),
     "Llama-2-7B": ModelConfig(
         vocab_size=32000,
         dim=4096,
@@ -24,6 +152,25 @@ MODELS: dict[str, ModelConfig] = {
         ffn_dim=11008,
         max_seq_len=4096,
         name="Llama-2-7B",
+    ),
+    "Llama-2-13B": ModelConfig(
+        vocab_size=32000,
+        dim=5120,
+        n_layers=40,
+        n_heads=40,
+        ffn_dim=13824,
+        max_seq_len=4096,
+        name="Llama-2-13B",
+    ),
+    "Llama-2-70B": ModelConfig(
+        vocab_size=32000,
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        ffn_dim=28672,
+        max_seq_len=4096,
+        name="Llama-2-70B",
     ),
     "Llama-3-8B": ModelConfig(
         vocab_size=128256,
@@ -36,25 +183,477 @@ MODELS: dict[str, ModelConfig] = {
         rope_theta=500000.0,
         name="Llama-3-8B",
     ),
+    "Llama-3-70B": ModelConfig(
+        vocab_size=128256,
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        ffn_dim=28672,
+        max_seq_len=8192,
+        rope_theta=500000.0,
+        name="Llama-3-70B",
+    ),
+    # Mistral 7B v0.1: GQA and a 4096-token sliding window (EXTRAS).
+    "Mistral-7B": ModelConfig(
+        vocab_size=32000,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim=14336,
+        max_seq_len=8192,
+        name="Mistral-7B",
+    ),
+    # Qwen2.5-7B: 28 query heads share 4 kv heads (G = 7); 128K context (YaRN beyond 32K).
+    # (Its q/k/v biases, 129,024 parameters, are left out of the parameter count.)
+    "Qwen2.5-7B": ModelConfig(
+        vocab_size=152064,
+        dim=3584,
+        n_layers=28,
+        n_heads=28,
+        n_kv_heads=4,
+        ffn_dim=18944,
+        max_seq_len=131072,
+        rope_theta=1000000.0,
+        norm_eps=1e-6,
+        name="Qwen2.5-7B",
+    ),
+    "DeepSeek-LLM-67B": ModelConfig(
+        vocab_size=102400,
+        dim=8192,
+        n_layers=95,
+        n_heads=64,
+        n_kv_heads=8,
+        ffn_dim=22016,
+        max_seq_len=4096,
+        name="DeepSeek-LLM-67B",
+    ),
+    # DeepSeek-V2 (MoE, MLA). Written as its MHA equivalent: 128 heads of D = 128 (the value
+    # and non-RoPE key width). What it really caches is the MLA latent in EXTRAS.
+    "DeepSeek-V2": ModelConfig(
+        vocab_size=102400,
+        dim=5120,
+        n_layers=60,
+        n_heads=128,
+        n_kv_heads=128,
+        head_dim=128,
+        ffn_dim=12288,
+        max_seq_len=131072,
+        norm_eps=1e-6,
+        name="DeepSeek-V2",
+    ),
+}
+
+EXTRAS: dict[str, ModelExtras] = {
+    "GPT-2": ModelExtras(
+        n_params=gpt_n_params(50257, 768, 12, 3072, 1024),
+        note="GPT-2 small (124M): LayerNorm, GELU MLP, learned positions, tied head",
+    ),
+    "GPT-2-XL": ModelExtras(
+        n_params=gpt_n_params(50257, 1600, 48, 6400, 1024),
+        note="GPT-2 XL (1.5B): LayerNorm, GELU MLP, learned positions, tied head",
+    ),
+    "OPT-13B": ModelExtras(
+        # OPT's learned position table has 2 extra rows (an offset of 2).
+        n_params=gpt_n_params(50272, 5120, 40, 20480, 2048 + 2),
+        note="LayerNorm, ReLU MLP, learned positions, tied head",
+    ),
+    "Mistral-7B": ModelExtras(sliding_window=4096, note="rolling buffer cache of 4096 tokens"),
+    "DeepSeek-V2": ModelExtras(
+        mla=MLA(kv_lora_rank=512, rope_head_dim=64),
+        n_params=236 * 10**9,  # published total (21B active per token): MoE, 160 routed experts
+        note="MLA: caches d_c + d_r = 576 numbers per token per layer; MoE weights",
+    ),
 }
 
 SOURCES: dict[str, str] = {
+    "GPT-2": "radford2019gpt2",
+    "GPT-2-XL": "radford2019gpt2",
+    "OPT-13B": "zhang2022opt",
+    "LLaMA-13B": "touvron2023llama",
     "Llama-2-7B": "touvron2023llama2",
+    "Llama-2-13B": "touvron2023llama2",
+    "Llama-2-70B": "touvron2023llama2",
     "Llama-3-8B": "grattafiori2024llama3",
+    "Llama-3-70B": "grattafiori2024llama3",
+    "Mistral-7B": "jiang2023mistral",
+    "Qwen2.5-7B": "qwen2024qwen25",
+    "DeepSeek-LLM-67B": "deepseek2024llm",
+    "DeepSeek-V2": "deepseek2024v2",
 }
 
 
+# ---- GPUs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GPU:
+    """An accelerator as its datasheet describes it (dense numbers, no sparsity)."""
+
+    name: str
+    memory_bytes: int  # capacity in bytes (datasheet "GB" read as GiB, see module docstring)
+    memory_published: str  # the datasheet's own words
+    bandwidth: float  # memory bandwidth, bytes/s (decimal GB/s, TB/s)
+    peak_flops: float  # dense fp16/bf16 tensor-core FLOP/s (fp32 accumulate), no sparsity
+    bf16: bool  # whether the tensor cores take bf16 (T4 and V100: fp16 only)
+    source: str  # bibtex key of the datasheet
+    note: str = ""
+
+
+GPUS: dict[str, GPU] = {
+    g.name: g
+    for g in (
+        GPU("T4", 16 * GiB, "16 GB GDDR6", 320 * GB, 65 * TB, False, "nvidia2019t4",
+            "Colab's free GPU; with ECC on, 15 GiB are visible"),
+        GPU("L4", 24 * GiB, "24 GB GDDR6", 300 * GB, 121 * TB, True, "nvidia2023l4",
+            "datasheet lists 242 TFLOPS with sparsity"),
+        GPU("A10", 24 * GiB, "24 GB GDDR6", 600 * GB, 125 * TB, True, "nvidia2021a10",
+            "datasheet lists 250 TFLOPS with sparsity"),
+        GPU("V100-32", 32 * GiB, "32 GB HBM2", 900 * GB, 125 * TB, False, "nvidia2020v100",
+            "SXM2"),
+        GPU("A100-40", 40 * GiB, "40 GB HBM2", 1555 * GB, 312 * TB, True, "nvidia2021a100",
+            "SXM; datasheet lists 624 TFLOPS with sparsity"),
+        GPU("A100-80", 80 * GiB, "80 GB HBM2e", 2039 * GB, 312 * TB, True, "nvidia2021a100",
+            "SXM; datasheet lists 624 TFLOPS with sparsity"),
+        GPU("H100-80", 80 * GiB, "80 GB HBM3", 3.35 * TB, 989.5 * TB, True, "nvidia2023h100",
+            "SXM; datasheet lists 1,979 TFLOPS with sparsity"),
+        GPU("H200-141", 141 * GiB, "141 GB HBM3e", 4.8 * TB, 989.5 * TB, True, "nvidia2024h200",
+            "SXM; datasheet lists 1,979 TFLOPS with sparsity"),
+        GPU("MI300X", 192 * GiB, "192 GB HBM3", 5.3 * TB, 1307.4 * TB, True, "amd2023mi300x",
+            "AMD; datasheet lists 2,614.9 TFLOPS with sparsity"),
+    )
+}  # fmt: skip
+
+
+# ---- lookups -----------------------------------------------------------------------------
+
+
+def _lookup(kind: str, name: str, registry: dict):
+    if not isinstance(name, str):
+        raise TypeError(f"a {kind} name must be a str, got {type(name).__name__}")
+    if name in registry:
+        return registry[name]
+    by_lower = {k.lower(): k for k in registry}
+    if name.lower() in by_lower:
+        return registry[by_lower[name.lower()]]
+    close = difflib.get_close_matches(name.lower(), by_lower, n=3, cutoff=0.3)
+    hint = f"; did you mean {', '.join(by_lower[c] for c in close)}?" if close else ""
+    raise UnknownNameError(f"unknown {kind} {name!r}{hint} (known: {', '.join(registry)})")
+
+
 def get_model(name: str) -> ModelConfig:
-    """The registered configuration `name`; an unknown name suggests the closest ones."""
-    if name in MODELS:
-        return MODELS[name]
-    close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise KeyError(f"unknown model {name!r}{hint} (known: {', '.join(MODELS)})")
+    """The registered configuration `name` (case-insensitive); unknown names suggest close ones."""
+    return _lookup("model", name, MODELS)
 
 
-def kv_bytes_per_token(config: ModelConfig | str, dtype: torch.dtype = torch.float16) -> int:
-    """Bytes of K and V per token over all layers: 2 * L * K * D * bytes(dtype)."""
-    if isinstance(config, str):
-        config = get_model(config)
-    return config.kv_bytes_per_token(dtype)
+def get_gpu(name: str) -> GPU:
+    """The registered GPU `name` (case-insensitive); unknown names suggest close ones."""
+    return _lookup("GPU", name, GPUS)
+
+
+def _config(model: ModelConfig | str) -> ModelConfig:
+    if isinstance(model, str):
+        return get_model(model)
+    if not isinstance(model, ModelConfig):
+        raise TypeError(f"expected a ModelConfig or a model name, got {type(model).__name__}")
+    return model
+
+
+def _gpu(gpu: GPU | str) -> GPU:
+    if isinstance(gpu, str):
+        return get_gpu(gpu)
+    if not isinstance(gpu, GPU):
+        raise TypeError(f"expected a GPU or a GPU name, got {type(gpu).__name__}")
+    return gpu
+
+
+def extras(model: ModelConfig | str) -> ModelExtras:
+    """The registered extras of a published model; empty for any other config.
+
+    A config counts as published only if it equals MODELS[config.name], so a modified copy
+    (say `replace(n_kv_heads=...)`) is treated as the plain Llama-style decoder it describes.
+    """
+    config = _config(model)
+    if MODELS.get(config.name) == config:
+        return EXTRAS.get(config.name, ModelExtras())
+    return ModelExtras()
+
+
+def attention_kind(model: ModelConfig | str) -> str:
+    """'MHA', 'GQA', 'MQA' or 'MLA' (a published model that caches a latent)."""
+    config = _config(model)
+    return "MLA" if extras(config).mla is not None else config.attention_kind
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+# ---- weights -----------------------------------------------------------------------------
+
+
+def n_params(model: ModelConfig | str) -> int:
+    """Parameter count: the published/GPT formula from EXTRAS, else the Llama formula."""
+    config = _config(model)
+    published = extras(config).n_params
+    return published if published is not None else config.n_params
+
+
+def weight_bytes(
+    model: ModelConfig | str, dtype: torch.dtype = torch.float16, *, tp: int = 1
+) -> int:
+    """Bytes of weights per GPU: n_params * bytes(dtype) / tp (rounded up).
+
+    Tensor parallelism splits every matrix over tp GPUs; the small norms replicate, which this
+    ignores (under 0.01% of a 7B model).
+    """
+    _positive_int("tp", tp)
+    return -(-n_params(model) * dtype_bytes(dtype) // tp)
+
+
+# ---- KV cache ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """A quantized cache format: `bits` per number, plus `overhead_bytes` per group.
+
+    Each group of `group_size` consecutive numbers of one token's row shares a scale (and a
+    zero point): fp16 scale + fp16 zero point is 4 bytes, the default. Bytes per number are
+    bits / 8 + overhead_bytes / group_size.
+    """
+
+    bits: int
+    group_size: int
+    overhead_bytes: int = 4
+
+    def __post_init__(self) -> None:
+        _positive_int("group_size", self.group_size)
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 32:
+            raise ValueError(f"bits must be an int in [1, 32], got {self.bits!r}")
+        if not isinstance(self.overhead_bytes, int) or self.overhead_bytes < 0:
+            raise ValueError(f"overhead_bytes must be an int >= 0, got {self.overhead_bytes!r}")
+
+    def nbytes(self, n_elements: int) -> int:
+        """Bytes for one row of `n_elements` numbers (whole groups, whole bytes)."""
+        if n_elements % self.group_size:
+            raise ValueError(
+                f"a row of {n_elements} numbers does not split into groups of {self.group_size}:"
+                " pick a group size that divides it"
+            )
+        if n_elements * self.bits % 8:
+            raise ValueError(
+                f"{n_elements} numbers at {self.bits} bits is not a whole number of bytes"
+            )
+        return n_elements * self.bits // 8 + n_elements // self.group_size * self.overhead_bytes
+
+
+def kv_heads_per_gpu(model: ModelConfig | str, tp: int = 1) -> int:
+    """kv heads each of tp GPUs holds: K / tp, or 1 (replicated tp / K times) when tp > K."""
+    config = _config(model)
+    _positive_int("tp", tp)
+    k = config.n_kv_heads
+    if k % tp and tp % k:
+        raise ValueError(
+            f"tp={tp} GPUs cannot share {k} kv heads evenly: tp must divide K={k} "
+            "or be a multiple of it"
+        )
+    return max(k // tp, 1)
+
+
+def kv_elements_per_token_per_layer(model: ModelConfig | str, tp: int = 1) -> int:
+    """Numbers one token caches in one layer on one GPU: 2*K*D (K per GPU), or d_c + d_r (MLA).
+
+    An MLA latent is shared by all heads, so tensor parallelism replicates it on every GPU.
+    """
+    config = _config(model)
+    mla = extras(config).mla
+    if mla is not None:
+        _positive_int("tp", tp)
+        return mla.elements_per_token_per_layer
+    return 2 * kv_heads_per_gpu(config, tp) * config.head_dim
+
+
+def kv_bytes_per_token(
+    config: ModelConfig | str,
+    dtype: torch.dtype = torch.float16,
+    *,
+    quant: KVQuant | None = None,
+    tp: int = 1,
+) -> int:
+    """Bytes of KV cache per token over all layers (per GPU when tp > 1).
+
+    MHA/GQA/MQA: 2 * L * K * D * bytes(dtype); MLA: L * (d_c + d_r) * bytes(dtype). With
+    `quant`, each layer's row is stored as `quant` says and `dtype` is ignored.
+    """
+    config = _config(config)
+    row = kv_elements_per_token_per_layer(config, tp)
+    if quant is not None:
+        if not isinstance(quant, KVQuant):
+            raise TypeError(f"quant must be a KVQuant, got {type(quant).__name__}")
+        return config.n_layers * quant.nbytes(row)
+    return config.n_layers * row * dtype_bytes(dtype)
+
+
+def sliding_window(model: ModelConfig | str) -> int | None:
+    """The model's published sliding window (tokens), or None for full attention."""
+    return extras(model).sliding_window
+
+
+Window = int | None | Literal["model"]
+
+
+def cached_tokens(model: ModelConfig | str, seq_len: int, window: Window = "model") -> int:
+    """Tokens the cache holds after `seq_len` tokens: min(seq_len, W) with a sliding window.
+
+    window: "model" = the model's own (see `sliding_window`), None = full attention, or W.
+    """
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool):
+        raise TypeError(f"seq_len must be an int, got {seq_len!r}")
+    if seq_len < 0:
+        raise ValueError(f"seq_len must be >= 0 tokens, got {seq_len}")
+    if window == "model":
+        window = sliding_window(model)
+    if window is None:
+        return seq_len
+    _positive_int("window", window)
+    return min(seq_len, window)
+
+
+def kv_cache_bytes(
+    model: ModelConfig | str,
+    seq_len: int,
+    batch: int = 1,
+    dtype: torch.dtype = torch.float16,
+    *,
+    quant: KVQuant | None = None,
+    tp: int = 1,
+    window: Window = "model",
+) -> int:
+    """Bytes of KV cache for `batch` sequences of `seq_len` tokens (per GPU when tp > 1)."""
+    _positive_int("batch", batch)
+    tokens = cached_tokens(model, seq_len, window)
+    return batch * tokens * kv_bytes_per_token(model, dtype, quant=quant, tp=tp)
+
+
+# ---- what fits on a GPU ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Where one GPU's memory goes, in bytes: weights + reserved + KV cache = memory."""
+
+    memory: int
+    weights: int
+    reserved: int
+    kv: int  # what is left for the KV cache
+
+
+def memory_budget(
+    model: ModelConfig | str,
+    gpu: GPU | str,
+    *,
+    weight_dtype: torch.dtype = torch.float16,
+    reserved_bytes: int = 0,
+    reserved_fraction: float = 0.0,
+    tp: int = 1,
+) -> MemoryBudget:
+    """Split one GPU's memory; raise DoesNotFitError when weights and reserve exceed it.
+
+    reserved = reserved_bytes + reserved_fraction * memory: activations, the framework, the
+    CUDA context, fragmentation. vLLM's default `gpu_memory_utilization=0.9` is
+    reserved_fraction=0.1 (its activation profile then comes out of the remaining 90%).
+    """
+    config, gpu = _config(model), _gpu(gpu)
+    if not isinstance(reserved_bytes, int) or reserved_bytes < 0:
+        raise ValueError(f"reserved_bytes must be an int >= 0, got {reserved_bytes!r}")
+    if not 0.0 <= reserved_fraction < 1.0:
+        raise ValueError(f"reserved_fraction must be in [0, 1), got {reserved_fraction!r}")
+    weights = weight_bytes(config, weight_dtype, tp=tp)
+    reserved = reserved_bytes + int(reserved_fraction * gpu.memory_bytes)
+    kv = gpu.memory_bytes - weights - reserved
+    if kv < 0:
+        raise DoesNotFitError(
+            f"{config.name or 'model'} does not fit on {gpu.name}: weights {weights / GB:.2f} GB "
+            f"+ reserved {reserved / GB:.2f} GB > memory {gpu.memory_bytes / GB:.2f} GB; "
+            "use more GPUs (tp), smaller weights or less reserve"
+        )
+    return MemoryBudget(gpu.memory_bytes, weights, reserved, kv)
+
+
+def max_context(
+    model: ModelConfig | str,
+    gpu: GPU | str,
+    batch: int = 1,
+    dtype: torch.dtype = torch.float16,
+    *,
+    weight_dtype: torch.dtype | None = None,
+    reserved_bytes: int = 0,
+    reserved_fraction: float = 0.0,
+    quant: KVQuant | None = None,
+    tp: int = 1,
+    window: Window = "model",
+) -> int | float:
+    """Longest context (tokens per sequence) whose KV cache fits beside the weights.
+
+    Memory bound only: compare with `config.max_seq_len`, the length the model was trained
+    for. Returns `math.inf` when a sliding-window cache fits at every length. Weights use
+    `weight_dtype` (default: `dtype`); the cache uses `dtype`, or `quant` when given.
+    """
+    config = _config(model)
+    _positive_int("batch", batch)
+    budget = memory_budget(
+        config,
+        gpu,
+        weight_dtype=dtype if weight_dtype is None else weight_dtype,
+        reserved_bytes=reserved_bytes,
+        reserved_fraction=reserved_fraction,
+        tp=tp,
+    )
+    tokens = budget.kv // (batch * kv_bytes_per_token(config, dtype, quant=quant, tp=tp))
+    cap = cached_tokens(config, tokens + 1, window)  # < tokens + 1 only under a window
+    return math.inf if cap <= tokens else tokens
+
+
+def max_batch(
+    model: ModelConfig | str,
+    gpu: GPU | str,
+    seq_len: int,
+    dtype: torch.dtype = torch.float16,
+    *,
+    weight_dtype: torch.dtype | None = None,
+    reserved_bytes: int = 0,
+    reserved_fraction: float = 0.0,
+    quant: KVQuant | None = None,
+    tp: int = 1,
+    window: Window = "model",
+) -> int:
+    """Most sequences of `seq_len` tokens whose KV caches fit beside the weights (may be 0)."""
+    config = _config(model)
+    _positive_int("seq_len", seq_len)
+    budget = memory_budget(
+        config,
+        gpu,
+        weight_dtype=dtype if weight_dtype is None else weight_dtype,
+        reserved_bytes=reserved_bytes,
+        reserved_fraction=reserved_fraction,
+        tp=tp,
+    )
+    per_sequence = kv_cache_bytes(config, seq_len, 1, dtype, quant=quant, tp=tp, window=window)
+    return budget.kv // per_sequence
+
+
+def format_bytes(n: float) -> str:
+    """'1.68 GB (1.56 GiB)': decimal and binary side by side, so units never get mixed up."""
+    if n < 0:
+        raise ValueError(f"a byte count must be >= 0, got {n}")
+    units = ((TB, "TB", 2**40, "TiB"), (GB, "GB", GiB, "GiB"), (MB, "MB", MiB, "MiB"))
+    for dec, dec_name, binary, bin_name in (*units, (KB, "KB", KiB, "KiB")):
+        if n >= dec:
+            return f"{n / dec:.2f} {dec_name} ({n / binary:.2f} {bin_name})"
+    return f"{n:.0f} bytes"
