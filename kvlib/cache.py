@@ -149,6 +149,8 @@ class _CacheBookkeeping:
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.seq_len:
             raise KVCacheError(f"crop length must be an int in [0, {self.seq_len}], got {n!r}")
         self._len = [n] * self.n_layers
+        # a row cropped into its padding holds no real token; its next token starts at slot n
+        self._start = self._start.clamp(max=n)
 
     def reset(self) -> None:
         """Forget every token and any padding (the buffers are kept for reuse)."""

@@ -250,7 +250,6 @@ class PagedKVCache(_CacheBookkeeping):
         self._next_id = 0
         self._active: list[int] = []
         self._index_cache: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
-        self._version = 0  # bumped whenever a block table or the active batch changes
         self.set_active([self.add_sequence() for _ in range(batch_size)])
 
     @classmethod
@@ -318,7 +317,6 @@ class PagedKVCache(_CacheBookkeeping):
         self.batch_size = len(ids)
         self._start = torch.tensor([S - n for n in lens], dtype=torch.long, device=self.device)
         self._len = [S] * self.n_layers
-        self._version += 1
 
     def fork(self, seq_id: int, n_tokens: int | None = None) -> int:
         """A new sequence sharing the first n_tokens (default all) of `seq_id` by reference.
@@ -395,7 +393,7 @@ class PagedKVCache(_CacheBookkeeping):
             out[b, : len(t)] = torch.tensor(t, dtype=torch.long)
         return out.to(self.device)
 
-    # ---- the cache interface ----------------------------------------------------------------------
+    # ---- the cache interface ---------------------------------------------------------------------
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -410,7 +408,8 @@ class PagedKVCache(_CacheBookkeeping):
         P = self.block_size
         start = self._start.tolist()
         plans = []  # (row, seq, old, new): real tokens [old, new) get written
-        need_new, need_cow = 0, 0
+        need_new = 0
+        writers: dict[int, int] = {}  # shared block -> rows about to write into it
         for b, seq_id in enumerate(self._active):
             seq = self._seqs[seq_id]
             old, new = max(pos - start[b], 0), max(pos + T - start[b], 0)
@@ -421,9 +420,12 @@ class PagedKVCache(_CacheBookkeeping):
                 )
             if new > old:
                 need_new += max(_n_blocks(new, P) - len(seq.blocks), 0)
-                written = range(old // P, min(_n_blocks(new, P), len(seq.blocks)))
-                need_cow += sum(self.allocator.refcount(seq.blocks[j]) > 1 for j in written)
+                for j in range(old // P, min(_n_blocks(new, P), len(seq.blocks))):
+                    if self.allocator.refcount(seq.blocks[j]) > 1:
+                        writers[seq.blocks[j]] = writers.get(seq.blocks[j], 0) + 1
             plans.append((b, seq, old, new))
+        # each writer copies while others still hold the block: the last holder keeps it
+        need_cow = sum(min(w, self.allocator.refcount(blk) - 1) for blk, w in writers.items())
         if need_new + need_cow > self.allocator.num_free:
             raise OutOfBlocksError(
                 f"this step needs {need_new} new blocks and {need_cow} copy-on-write copies "
@@ -447,7 +449,6 @@ class PagedKVCache(_CacheBookkeeping):
                 blk.append(seq.blocks[r // P])
                 off.append(r % P)
             seq.lens[layer] = new
-        self._version += 1
         if rows:
             dev = self.device
             rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
@@ -497,7 +498,6 @@ class PagedKVCache(_CacheBookkeeping):
             seq.lens = [keep] * self.n_layers
             start[b] = n - keep
         self._start = torch.tensor(start, dtype=torch.long, device=self.device)
-        self._version += 1
 
     def reset(self) -> None:
         """Empty every active sequence and release its blocks (idle sequences are kept)."""
@@ -508,9 +508,8 @@ class PagedKVCache(_CacheBookkeeping):
             seq.blocks = []
             seq.lens = [0] * self.n_layers
         super().reset()
-        self._version += 1
 
-    # ---- memory ------------------------------------------------------------------------------------
+    # ---- memory ----------------------------------------------------------------------------------
     def _block_fill(self) -> dict[int, int]:
         """Resident block id -> slots holding tokens (a shared block counts once)."""
         fill: dict[int, int] = {}
@@ -531,7 +530,7 @@ class PagedKVCache(_CacheBookkeeping):
         """Bytes of those blocks that hold tokens (shared tokens once)."""
         return sum(self._block_fill().values()) * self._token_bytes()
 
-    # ---- checks ------------------------------------------------------------------------------------
+    # ---- checks ----------------------------------------------------------------------------------
     def _seq(self, seq_id: int) -> _Sequence:
         if not isinstance(seq_id, int) or isinstance(seq_id, bool):
             raise TypeError(f"sequence id must be an int, got {type(seq_id).__name__}")

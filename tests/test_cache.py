@@ -234,3 +234,16 @@ def test_elements_copied_linear_for_preallocated_quadratic_for_concat():
     per_token = 2 * B * K * D  # K and V elements of one token
     assert fast.elements_copied == n * per_token
     assert ref.elements_copied == per_token * n * (n + 1) // 2
+
+
+def test_crop_into_padding_then_append_counts_new_tokens():
+    cache = make()
+    cache.set_left_padding(torch.tensor([0, 2, 4]))
+    for layer in range(L):
+        cache.update(layer, *kv(5))
+    cache.crop(3)  # row 2 is cropped into its padding: no real tokens left
+    assert cache.lengths.tolist() == [3, 1, 0]
+    for layer in range(L):
+        cache.update(layer, *kv(1))
+    assert cache.lengths.tolist() == [4, 2, 1]
+    assert cache.valid_mask(4)[2].tolist() == [False, False, False, True]

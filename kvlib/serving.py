@@ -1,0 +1,272 @@
+"""A serving-trace simulation: how much KV memory each allocation policy wastes.
+
+Unit of memory: one token slot (the K and V of one token over all layers; multiply by
+`kvlib.memory.kv_bytes_per_token` for bytes). A trace is a list of requests, each a prompt
+length p and an output length o, all queued at step 0 and served first come, first served
+with iteration-level (continuous) batching: at every step each running request appends one
+token, so after s steps it caches p + s tokens and it leaves after step o. The KV memory is a
+pool of `budget` slots.
+
+Policies (Kwon et al. 2023, section 3 and Fig. 2, compare the same three):
+
+    "max"     contiguous: reserve max_len slots per request when it is admitted
+    "pow2"    contiguous: reserve the next power of two >= p + o
+    "exact"   contiguous: reserve exactly p + o (an oracle that knows the output length)
+    "paged"   blocks of `block_size` slots, one more when the last is full; when the pool
+              runs dry the most recently admitted request is preempted (its blocks freed,
+              recomputed later)
+
+Contiguous reservations are placed first-fit in one address range [0, budget), so holes
+between them (external fragmentation) are modelled too. Per step the simulation records the
+slots holding tokens (used) and the slots reserved (contiguous) or held in blocks (paged).
+
+Lengths come from `sharegpt_like_trace`: log-normal with the means of the ShareGPT trace in
+Kwon et al. 2023, Fig. 11 (input 161.31 tokens, output 337.99 tokens on average); the spread
+(sigma) is a choice of this module, since the paper shows histograms, not parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+SHAREGPT_MEAN_INPUT = 161.31  # Kwon et al. 2023, Fig. 11(a), input length, mean (tokens)
+SHAREGPT_MEAN_OUTPUT = 337.99  # Kwon et al. 2023, Fig. 11(a), output length, mean (tokens)
+POLICIES = ("max", "pow2", "exact", "paged")
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Request lengths: prompt_lens[i] and output_lens[i] (int64 arrays of equal length)."""
+
+    prompt_lens: np.ndarray
+    output_lens: np.ndarray
+
+    def __post_init__(self) -> None:
+        p, o = np.asarray(self.prompt_lens), np.asarray(self.output_lens)
+        if p.ndim != 1 or p.shape != o.shape or p.size == 0:
+            raise ValueError(
+                f"prompt_lens and output_lens must be non-empty 1-D arrays of equal length, "
+                f"got shapes {p.shape} and {o.shape}"
+            )
+        if (p < 1).any() or (o < 1).any():
+            raise ValueError("every prompt and output length must be at least 1 token")
+
+    def __len__(self) -> int:
+        return len(self.prompt_lens)
+
+
+def sharegpt_like_trace(
+    n_requests: int, *, seed: int = 0, max_len: int = 2048, sigma: float = 1.0
+) -> Trace:
+    """n_requests log-normal (prompt, output) lengths with ShareGPT's means, p + o <= max_len.
+
+    Each length is exp(N(mu, sigma^2)) with mu = ln(mean) - sigma^2 / 2 (so the untruncated
+    mean is the published one), rounded, then clipped: p to [1, max_len - 1] and o to
+    [1, max_len - p]. Clipping lowers the sample means a little; print them to see.
+    """
+    if not isinstance(n_requests, int) or n_requests <= 0:
+        raise ValueError(f"n_requests must be a positive int, got {n_requests!r}")
+    if not isinstance(max_len, int) or max_len < 2:
+        raise ValueError(f"max_len must be an int >= 2 (a prompt and an output), got {max_len!r}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    rng = np.random.default_rng(seed)
+    mu_in = math.log(SHAREGPT_MEAN_INPUT) - sigma**2 / 2
+    mu_out = math.log(SHAREGPT_MEAN_OUTPUT) - sigma**2 / 2
+    p = np.rint(rng.lognormal(mu_in, sigma, n_requests)).astype(np.int64)
+    o = np.rint(rng.lognormal(mu_out, sigma, n_requests)).astype(np.int64)
+    p = np.clip(p, 1, max_len - 1)
+    o = np.clip(o, 1, max_len - p)
+    return Trace(p, o)
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """Per-step series of one simulated run, plus the summary numbers the chapter prints."""
+
+    policy: str
+    block_size: int | None
+    budget: int
+    used: np.ndarray  # (steps,) slots holding tokens
+    reserved: np.ndarray  # (steps,) slots reserved or held in blocks
+    running: np.ndarray  # (steps,) requests in the batch
+    waiting: np.ndarray  # (steps,) requests queued after admission
+    preemptions: int
+
+    @property
+    def steps(self) -> int:
+        """Steps to serve the whole trace."""
+        return len(self.used)
+
+    @property
+    def waste(self) -> float:
+        """Share of reserved slots not holding tokens: 1 - sum(used) / sum(reserved)."""
+        return 1.0 - float(self.used.sum()) / float(self.reserved.sum())
+
+    @property
+    def pool_utilization(self) -> float:
+        """Share of the pool holding tokens while requests were waiting (memory was the limit)."""
+        busy = self.waiting > 0
+        if not busy.any():
+            return float("nan")
+        return float(self.used[busy].sum()) / (self.budget * int(busy.sum()))
+
+    @property
+    def mean_batch(self) -> float:
+        """Requests served concurrently, averaged over steps."""
+        return float(self.running.mean())
+
+    @property
+    def label(self) -> str:
+        return f"paged (block {self.block_size})" if self.policy == "paged" else self.policy
+
+
+def _reservation(policy: str, p: int, o: int, max_len: int) -> int:
+    if policy == "max":
+        return max_len
+    if policy == "pow2":
+        return min(1 << (p + o - 1).bit_length(), max_len)
+    return p + o  # "exact"
+
+
+def _first_fit(spans: list[tuple[int, int]], size: int, budget: int) -> int | None:
+    """Lowest offset where `size` slots fit between the sorted (offset, size) spans."""
+    at = 0
+    for off, n in spans:
+        if off - at >= size:
+            return at
+        at = off + n
+    return at if budget - at >= size else None
+
+
+def simulate(
+    trace: Trace,
+    policy: str,
+    *,
+    budget: int = 16384,
+    max_len: int = 2048,
+    block_size: int = 16,
+    watermark: float = 0.01,
+    max_steps: int = 10**6,
+) -> SimResult:
+    """Serve `trace` with `policy` in a pool of `budget` slots; record memory every step.
+
+    Paged admission keeps `watermark` (a share of the blocks) free for the running requests
+    to grow into, as vLLM does, so that admitting one request rarely forces a preemption.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not isinstance(budget, int) or budget < max_len:
+        raise ValueError(
+            f"budget must be an int >= max_len={max_len} (room for one request), got {budget!r}"
+        )
+    if not isinstance(block_size, int) or not 1 <= block_size <= max_len:
+        raise ValueError(f"block_size must be an int in [1, {max_len}], got {block_size!r}")
+    total = trace.prompt_lens + trace.output_lens
+    if int(total.max()) > max_len:
+        raise ValueError(f"a request needs {int(total.max())} slots, more than max_len={max_len}")
+    if not 0 <= watermark < 1:
+        raise ValueError(f"watermark must be a share of the pool in [0, 1), got {watermark!r}")
+    paged = policy == "paged"
+    P = block_size
+    n_blocks = budget // P
+    if paged and n_blocks * P < max_len:
+        raise ValueError(
+            f"{n_blocks} blocks of {P} slots cannot hold one request of max_len={max_len}"
+        )
+    reserve = int(watermark * n_blocks)
+    prompt = [int(x) for x in trace.prompt_lens]
+    final = [int(x) for x in total]
+    length = list(prompt)  # tokens cached when (re)admitted; grows by one per step
+    waiting = deque(range(len(trace)))
+    running: list[int] = []  # in admission order
+    spans: dict[int, tuple[int, int]] = {}  # contiguous: request -> (offset, size)
+    blocks: dict[int, int] = {}  # paged: request -> blocks held
+    free_blocks = n_blocks
+    used, reserved, n_running, n_waiting = [], [], [], []
+    preemptions = 0
+    while waiting or running:
+        if len(used) >= max_steps:
+            raise RuntimeError(f"trace not served within max_steps={max_steps}")
+        # 1. admit from the head of the queue while the next request fits
+        while waiting:
+            r = waiting[0]
+            if paged:
+                need = -(-(length[r] + 1) // P)  # the cached tokens and this step's token
+                if need > free_blocks - (reserve if running else 0):
+                    break
+                free_blocks -= need
+                blocks[r] = need
+            else:
+                size = _reservation(policy, prompt[r], final[r] - prompt[r], max_len)
+                ordered = sorted(spans.values())
+                at = _first_fit(ordered, size, budget)
+                if at is None:
+                    break
+                spans[r] = (at, size)
+            waiting.popleft()
+            running.append(r)
+        # 2. paged: every request whose last block is full takes one more, preempting if needed
+        if paged:
+            for r in list(running):
+                if r not in blocks:  # preempted earlier in this loop
+                    continue
+                while (length[r] + 1) > blocks[r] * P:
+                    if free_blocks == 0:
+                        victim = running.pop()  # the most recently admitted
+                        free_blocks += blocks.pop(victim)
+                        waiting.appendleft(victim)
+                        preemptions += 1
+                        if victim == r:
+                            break
+                        continue
+                    free_blocks -= 1
+                    blocks[r] += 1
+        # 3. one token per running request; record memory; retire finished requests
+        for r in running:
+            length[r] += 1
+        used.append(sum(length[r] for r in running))
+        if paged:
+            reserved.append(sum(blocks[r] for r in running) * P)
+        else:
+            reserved.append(sum(spans[r][1] for r in running))
+        n_running.append(len(running))
+        n_waiting.append(len(waiting))
+        for r in [r for r in running if length[r] >= final[r]]:
+            running.remove(r)
+            if paged:
+                free_blocks += blocks.pop(r)
+            else:
+                del spans[r]
+    return SimResult(
+        policy=policy,
+        block_size=P if paged else None,
+        budget=budget,
+        used=np.array(used, dtype=np.int64),
+        reserved=np.array(reserved, dtype=np.int64),
+        running=np.array(n_running, dtype=np.int64),
+        waiting=np.array(n_waiting, dtype=np.int64),
+        preemptions=preemptions,
+    )
+
+
+def fragmentation_study(
+    trace: Trace,
+    *,
+    budget: int = 16384,
+    max_len: int = 2048,
+    block_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+    progress: bool = False,
+) -> list[SimResult]:
+    """Run "max", "pow2", "exact" and "paged" at each block size on the same trace."""
+    from tqdm.auto import tqdm
+
+    runs = [("max", 1), ("pow2", 1), ("exact", 1)] + [("paged", b) for b in block_sizes]
+    return [
+        simulate(trace, policy, budget=budget, max_len=max_len, block_size=bs)
+        for policy, bs in tqdm(runs, desc="policies", disable=not progress)
+    ]
