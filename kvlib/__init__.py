@@ -6,6 +6,8 @@ The public names the chapters use are importable from here; every submodule is o
 
 from kvlib.cache import CacheFullError, ConcatKVCache, KVCache, KVCacheError
 from kvlib.config import ConfigError, ModelConfig
+from kvlib.generate import generate
+from kvlib.transformer import Transformer
 
 __version__ = "0.1.0"
 
@@ -16,4 +18,6 @@ __all__ = [
     "KVCache",
     "KVCacheError",
     "ModelConfig",
+    "Transformer",
+    "generate",
 ]

@@ -72,8 +72,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, D) by the angles of its positions; cos, sin broadcast to x."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    """Rotate x (B, heads, T, D) by the angles of its positions; cos, sin broadcast to x.
+
+    cos and sin come in x's dtype (the model casts its fp32 tables once per forward pass).
+    """
+    return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):
@@ -109,7 +112,8 @@ class Attention(nn.Module):
             if kv_dtype != k.dtype and kv_dtype.is_floating_point:
                 k, v = k.to(kv_dtype), v.to(kv_dtype)
             k, v = cache.update(layer, k, v)  # (B, K, S, D) each
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
         out = attention(q, k, v, mask)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.wo(out)
@@ -180,6 +184,9 @@ def position_ids(start: torch.Tensor, seq_len_before: int, T: int) -> torch.Tens
     """
     slots = torch.arange(seq_len_before, seq_len_before + T, device=start.device)  # (T,)
     return (slots[None, :] - start[:, None]).clamp(min=0)  # (B, T)
+
+
+_positions = position_ids  # forward's keyword argument shadows the name
 
 
 # ---- the model ---------------------------------------------------------------------------------
@@ -280,11 +287,14 @@ class Transformer(nn.Module):
         cache=None,
         attention_mask: torch.Tensor | None = None,
         *,
+        position_ids: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for T new tokens (B, 1, V) with last_only), appending to `cache`.
+        """Logits (B, T, V) for T new tokens ((B, 1, V) with last_only), appended to `cache`.
 
         attention_mask: (B, T) 0/1 for left-padded rows; only on an empty cache (or no cache).
+        position_ids: (B, T) RoPE positions overriding the ones derived from the padding
+        (chapter 4 uses it to show what wrong positions do).
         """
         self._check_tokens(tokens)
         B, T = tokens.shape
@@ -307,14 +317,29 @@ class Transformer(nn.Module):
                     f"got {tuple(attention_mask.shape)}"
                 )
             n_pad = left_padding(attention_mask).to(tokens.device)  # (B,)
+        if position_ids is not None:
+            if tuple(position_ids.shape) != (B, T) or position_ids.dtype.is_floating_point:
+                raise ValueError(
+                    f"position_ids must be an integer tensor of shape {(B, T)}, got "
+                    f"{tuple(position_ids.shape)} {position_ids.dtype}"
+                )
+            lo, hi = int(position_ids.min()), int(position_ids.max())
+            if lo < 0 or hi >= self.config.max_seq_len:
+                raise ValueError(
+                    f"position_ids must be in [0, {self.config.max_seq_len}), got [{lo}, {hi}]"
+                )
         S = S0 + T
         if cache is not None:
             if n_pad is not None:
                 cache.set_left_padding(n_pad)
             start = cache.start  # (B,)
         else:
-            start = torch.zeros(B, dtype=torch.long, device=tokens.device) if n_pad is None else n_pad
-        pos = position_ids(start, S0, T)  # (B, T)
+            start = (
+                torch.zeros(B, dtype=torch.long, device=tokens.device) if n_pad is None else n_pad
+            )
+        pos = _positions(start, S0, T)  # (B, T)
+        if position_ids is not None:
+            pos = position_ids.to(device=tokens.device, dtype=torch.long)
         mask = causal_mask(T, S, device=tokens.device)[None, None]  # (1, 1, T, S)
         if cache is not None:
             valid = cache.valid_mask(S)  # (B, S)
@@ -335,8 +360,8 @@ class Transformer(nn.Module):
         """The unchecked forward pass (generate's decode loop calls it with precomputed
         positions (B, T) and mask (B or 1, 1, T, S), or mask=None when every slot is visible)."""
         x = self.tok_embeddings(tokens)  # (B, T, C)
-        cos = self.rope_cos[pos][:, None]  # (B, 1, T, D)
-        sin = self.rope_sin[pos][:, None]  # (B, 1, T, D)
+        cos = self.rope_cos[pos][:, None].to(x.dtype)  # (B, 1, T, D)
+        sin = self.rope_sin[pos][:, None].to(x.dtype)  # (B, 1, T, D)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i)
         if last_only:

@@ -1,0 +1,51 @@
+"""Checks for chapter 4 (variable-length batching)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from kvlib.exercises import correct, expect
+
+
+def check_position_ids(positions: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """`positions(attention_mask)` -> (B, T) RoPE positions of a left-padded prompt."""
+    from kvlib.generate import left_pad
+    from kvlib.transformer import left_padding, position_ids
+
+    cases = [[4, 4], [1, 5, 3], [2], [7, 1, 1, 6]]
+    for lengths in cases:
+        _, mask = left_pad([[1] * n for n in lengths])
+        expected = position_ids(left_padding(mask), 0, mask.shape[1])
+        got = positions(mask)
+        expect(isinstance(got, torch.Tensor), f"return a tensor, got {type(got).__name__}")
+        expect(
+            tuple(got.shape) == tuple(expected.shape),
+            f"for lengths {lengths} expected shape {tuple(expected.shape)}, got {tuple(got.shape)}",
+        )
+        real = mask.bool()
+        expect(
+            torch.equal(got[real].long(), expected[real]),
+            f"for lengths {lengths} the real tokens should be numbered from 0 in each row; "
+            f"expected {expected.tolist()}, got {got.tolist()}",
+        )
+    correct("each row's real tokens are numbered 0, 1, ... whatever its padding")
+
+
+def check_padding_waste(waste: float, lengths: Sequence[int]) -> None:
+    """Fraction of a left-padded batch's prompt slots that hold padding."""
+    from kvlib.generate import left_pad
+
+    _, mask = left_pad([[1] * n for n in lengths])
+    expected = 1.0 - mask.double().mean().item()
+    expect(isinstance(waste, float), f"waste should be a float, got {type(waste).__name__}")
+    expect(
+        abs(waste - (1 - expected)) > 1e-9 or abs(expected - 0.5) < 1e-9,
+        "that is the fraction of real tokens; the question asks for padding",
+    )
+    expect(
+        abs(waste - expected) < 1e-9,
+        "the batch is B rows of max(lengths) slots; padding = slots - sum(lengths)",
+    )
+    correct(f"{waste:.1%} of the slots are padding")

@@ -1,0 +1,152 @@
+"""Load Hugging Face Llama-family weights into a kvlib `Transformer`.
+
+Both sides use the same "rotate_half" RoPE layout and (out, in) linear weights, so loading is
+a renaming; no tensor is permuted or reshaped:
+
+    model.embed_tokens.weight                    (V, C)    -> tok_embeddings.weight
+    model.layers.{i}.self_attn.q_proj.weight     (H*D, C)  -> layers.{i}.attn.wq.weight
+    model.layers.{i}.self_attn.k_proj.weight     (K*D, C)  -> layers.{i}.attn.wk.weight
+    model.layers.{i}.self_attn.v_proj.weight     (K*D, C)  -> layers.{i}.attn.wv.weight
+    model.layers.{i}.self_attn.o_proj.weight     (C, H*D)  -> layers.{i}.attn.wo.weight
+    model.layers.{i}.mlp.gate_proj.weight        (F, C)    -> layers.{i}.mlp.w1.weight
+    model.layers.{i}.mlp.up_proj.weight          (F, C)    -> layers.{i}.mlp.w3.weight
+    model.layers.{i}.mlp.down_proj.weight        (C, F)    -> layers.{i}.mlp.w2.weight
+    model.layers.{i}.input_layernorm.weight      (C,)      -> layers.{i}.attn_norm.weight
+    model.layers.{i}.post_attention_layernorm.weight (C,)  -> layers.{i}.mlp_norm.weight
+    model.norm.weight                            (C,)      -> norm.weight
+    lm_head.weight                               (V, C)    -> output.weight (absent when tied)
+
+This module never imports `transformers`: a model is read through `.config` and
+`.state_dict()` only, so kvlib works without it installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from kvlib.config import ModelConfig
+from kvlib.transformer import Transformer
+
+
+class WeightLoadError(ValueError):
+    """A state dict that does not fit the kvlib model: missing, unexpected or misshapen keys."""
+
+
+_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attn.wq.weight",
+    "self_attn.k_proj.weight": "attn.wk.weight",
+    "self_attn.v_proj.weight": "attn.wv.weight",
+    "self_attn.o_proj.weight": "attn.wo.weight",
+    "mlp.gate_proj.weight": "mlp.w1.weight",
+    "mlp.up_proj.weight": "mlp.w3.weight",
+    "mlp.down_proj.weight": "mlp.w2.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "mlp_norm.weight",
+}
+
+
+def config_from_hf(hf_config) -> ModelConfig:
+    """A kvlib `ModelConfig` from a `transformers.LlamaConfig` (or an object with its fields)."""
+    model_type = getattr(hf_config, "model_type", "llama")
+    if model_type != "llama":
+        raise ValueError(f"only Llama-architecture configs load, got model_type={model_type!r}")
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"kvlib's MLP is SwiGLU (silu); this config uses hidden_act={act!r}")
+    for flag in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, flag, False):
+            raise ValueError(f"kvlib layers have no biases; this config sets {flag}=True")
+    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+    legacy = getattr(hf_config, "rope_scaling", None)  # transformers 4.x
+    rope_type = rope.get("rope_type", (legacy or {}).get("rope_type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"only plain RoPE is supported, this config uses rope_type={rope_type!r}")
+    theta = getattr(hf_config, "rope_theta", None) or rope.get("rope_theta", 10000.0)
+    return ModelConfig(
+        vocab_size=hf_config.vocab_size,
+        dim=hf_config.hidden_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_heads=hf_config.num_attention_heads,
+        n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+        head_dim=getattr(hf_config, "head_dim", None),
+        ffn_dim=hf_config.intermediate_size,
+        max_seq_len=hf_config.max_position_embeddings,
+        rope_theta=float(theta),
+        norm_eps=float(hf_config.rms_norm_eps),
+        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        name=str(getattr(hf_config, "name_or_path", "") or "hf-llama"),
+    )
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face Llama state dict to kvlib's names, checking every key and shape."""
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    for name, tensor in state_dict.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from config.rope_theta
+        if name == "model.embed_tokens.weight":
+            out["tok_embeddings.weight"] = tensor
+        elif name == "model.norm.weight":
+            out["norm.weight"] = tensor
+        elif name == "lm_head.weight":
+            if not config.tie_embeddings:
+                out["output.weight"] = tensor
+        elif name.startswith("model.layers."):
+            index, _, rest = name[len("model.layers.") :].partition(".")
+            if rest in _LAYER_NAMES and index.isdigit() and int(index) < config.n_layers:
+                out[f"layers.{index}.{_LAYER_NAMES[rest]}"] = tensor
+            else:
+                unexpected.append(name)
+        else:
+            unexpected.append(name)
+    with torch.device("meta"):  # shapes only, no memory
+        reference = Transformer(config).state_dict()
+    if config.tie_embeddings:
+        reference.pop("output.weight")
+    missing = sorted(set(reference) - set(out))
+    if unexpected or missing:
+        raise WeightLoadError(
+            f"state dict does not match a {config.n_layers}-layer Llama: "
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+            f"missing kvlib weights {missing[:5]}{'...' if len(missing) > 5 else ''}"
+        )
+    for name, tensor in out.items():
+        if tuple(tensor.shape) != tuple(reference[name].shape):
+            raise WeightLoadError(
+                f"{name}: expected shape {tuple(reference[name].shape)} for this config, "
+                f"got {tuple(tensor.shape)}"
+            )
+    return out
+
+
+def from_hf_llama(model_or_state_dict, config: ModelConfig | None = None) -> Transformer:
+    """A kvlib `Transformer` holding the weights of a Hugging Face Llama model.
+
+    Pass a `transformers.LlamaForCausalLM` (anything with `.config` and `.state_dict()`), or a
+    raw state dict together with a kvlib `ModelConfig`. The result has the weights' dtype and
+    device and is in eval mode.
+    """
+    if isinstance(model_or_state_dict, Mapping):
+        if config is None:
+            raise ValueError("a raw state dict needs config= (a kvlib ModelConfig)")
+        state_dict = model_or_state_dict
+    elif hasattr(model_or_state_dict, "config") and hasattr(model_or_state_dict, "state_dict"):
+        config = config or config_from_hf(model_or_state_dict.config)
+        state_dict = model_or_state_dict.state_dict()
+    else:
+        raise TypeError(
+            "expected a Hugging Face model (with .config and .state_dict()) or a state dict, "
+            f"got {type(model_or_state_dict).__name__}"
+        )
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
+    weights = convert_state_dict(state_dict, config)
+    first = weights["tok_embeddings.weight"]
+    model = Transformer(config).to(device=first.device, dtype=first.dtype)
+    model.load_state_dict(weights, strict=not config.tie_embeddings)
+    return model.eval()
