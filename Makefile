@@ -8,13 +8,14 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c const
 NOTEBOOKS = $(shell $(BIN)/python tests/toc.py)
 JOBS ?= 2
 
-.PHONY: book test lint unit nbval build-book notebooks bench clean help
+.PHONY: book test lint unit nbval build-book browser assignments notebooks clean help
 
 help:
 	@echo "make book       build the HTML book into _build/html"
 	@echo "make test       lint, unit tests, strict nbval on every chapter, warning-free book build"
 	@echo "make notebooks  re-execute every chapter notebook in place (after changing kvlib)"
-	@echo "make bench      python -m kvlib.bench (side-by-side measurements)"
+	@echo "make assignments  student versions of every chapter into _build/assignments"
+	@echo "make browser    walk the built book in headless Chromium (needs /usr/bin/chromium)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,37 +25,44 @@ $(VENV)/.book: pyproject.toml constraints.txt | $(BIN)/python
 	@touch $@
 
 $(VENV)/.test: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e ".[book,test]"
+	$(PIP) -e ".[book,test,gpu]"
 	@touch $@
 
 book: $(VENV)/.book
 	$(BIN)/jupyter-book build . --all
 	@echo "Open $(CURDIR)/_build/html/index.html"
 
-test: $(VENV)/.test lint unit nbval build-book
+test: $(VENV)/.test lint unit nbval build-book browser
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check kvlib tests notebooks _ext
 	$(BIN)/ruff format --check kvlib tests notebooks _ext
 
 unit: $(VENV)/.test
-	$(BIN)/pytest -n $(JOBS) tests
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(JOBS) tests
 
 nbval: $(VENV)/.test
-	$(BIN)/pytest -n $(JOBS) --dist loadfile --nbval --nbval-current-env \
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(JOBS) --dist loadfile --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/sanitize.cfg $(NOTEBOOKS)
 
 build-book: $(VENV)/.test
 	$(BIN)/jupyter-book build . --all -W -n --keep-going
 
+browser: $(VENV)/.test
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "Installing Debian's chromium for the browser walk (needs root and apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	$(BIN)/python tests/browser_walk.py _build/html
+
+assignments: $(VENV)/.test
+	$(BIN)/python _ext/assignments.py _build/assignments
+
 notebooks: $(VENV)/.test
 	for nb in $(NOTEBOOKS); do \
 		$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-			--ExecutePreprocessor.record_timing=False --ExecutePreprocessor.timeout=600 $$nb || exit 1; \
+			--ExecutePreprocessor.record_timing=False --ExecutePreprocessor.store_widget_state=False \
+			--ExecutePreprocessor.timeout=600 $$nb || exit 1; \
 	done
-
-bench: $(VENV)/.test
-	$(BIN)/python -m kvlib.bench
 
 clean:
 	rm -rf _build .pytest_cache

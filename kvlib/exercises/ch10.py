@@ -1,0 +1,89 @@
+"""Checks for chapter 10 (GPU kernels); expected answers come from kvlib.gpu."""
+
+from __future__ import annotations
+
+import math
+
+from kvlib.exercises import correct, expect
+from kvlib.gpu.emulate import split_ranges
+from kvlib.gpu.roofline import model_attention_intensity, ridge_point, tile_utilization
+from kvlib.memory import get_model
+
+
+def check_intensity(intensity: float, memory_bound: bool) -> None:
+    """Decode attention of Qwen2.5-7B in fp16 over 32768 cached tokens, and the T4 verdict."""
+    want = model_attention_intensity("Qwen2.5-7B", 32768)
+    G = get_model("Qwen2.5-7B").group_size
+    expect(
+        isinstance(intensity, int | float) and not isinstance(intensity, bool),
+        f"intensity should be a number of FLOP/byte, got {intensity!r}",
+    )
+    expect(
+        not math.isclose(intensity, want / G, rel_tol=1e-2),
+        f"that is the MHA value: each K/V row read serves G = {G} query heads, so count G times "
+        "the FLOPs for the same bytes",
+    )
+    expect(
+        not math.isclose(intensity, want / 2, rel_tol=1e-2),
+        "half the answer: fp16 is 2 bytes per number, not 4",
+    )
+    expect(
+        math.isclose(intensity, want, rel_tol=1e-3),
+        f"{intensity:.4g} FLOP/byte is not right: FLOPs = 4*G*S*D per kv head, bytes = 2*S*D*2 "
+        "(K and V) plus the small q and output",
+    )
+    expect(
+        isinstance(memory_bound, bool),
+        f"memory_bound should be True or False, not {memory_bound!r}",
+    )
+    expect(
+        memory_bound == (want < ridge_point("T4")),
+        "compare the intensity with the T4's ridge point, peak FLOP/s / bandwidth",
+    )
+    correct(
+        f"{want:.2f} FLOP/byte against a T4 ridge point of {ridge_point('T4'):.0f}: memory bound"
+    )
+
+
+def check_tiles(n_tiles: int, utilization: float) -> None:
+    """Llama-3-70B verifying T = 3 draft tokens: 16-row tiles per kv head and their use."""
+    G, T = get_model("Llama-3-70B").group_size, 3
+    rows = G * T
+    want_tiles = -(-rows // 16)
+    want_util = tile_utilization(G, T)
+    expect(
+        isinstance(n_tiles, int) and not isinstance(n_tiles, bool),
+        f"n_tiles should be an int, got {n_tiles!r}",
+    )
+    expect(
+        n_tiles != rows // 16 or rows % 16 == 0,
+        f"{rows} rows need a partial tile too: round up",
+    )
+    expect(n_tiles == want_tiles, f"{n_tiles} tiles is not right: G*T = {rows} rows, 16 per tile")
+    expect(
+        not math.isclose(utilization, G / 16),
+        "each of the T query tokens adds G rows: count G*T rows, not G",
+    )
+    expect(
+        math.isclose(utilization, want_util, rel_tol=1e-9),
+        f"{utilization} is not right: real rows / (tiles * 16)",
+    )
+    correct(f"{want_tiles} tiles per kv head, {want_util:.0%} of their rows hold real queries")
+
+
+def check_split_ranges(ranges: list[tuple[int, int]]) -> None:
+    """Split-KV partitions of a 1000-token sequence, block_size 16, 4 splits."""
+    want = split_ranges(1000, 16, 4)
+    got = [tuple(r) for r in ranges] if isinstance(ranges, list | tuple) else ranges
+    expect(isinstance(got, list) and len(got) == 4, "give a list of 4 (begin, end) pairs")
+    expect(
+        got != [(0, 250), (250, 500), (500, 750), (750, 1000)],
+        "partitions hold whole blocks of 16 tokens, so a block is never read by two of them",
+    )
+    expect(got[-1][1] == 1000, "the last partition must end at the sequence length, 1000")
+    expect(
+        got == want,
+        f"not quite: 1000 tokens fill {-(-1000 // 16)} blocks; "
+        "each partition takes ceil(blocks / 4) of them",
+    )
+    correct(f"partitions {want}")

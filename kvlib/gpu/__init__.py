@@ -1,0 +1,12 @@
+"""GPU kernels for the KV cache, and the checks that run without a GPU.
+
+    roofline   arithmetic intensity, ridge points, attainable FLOP/s, measured bandwidth
+    nvrtc      compile kvlib/kernels/*.cu to PTX with NVRTC, assemble with ptxas (no GPU)
+    emulate    NumPy emulation of the kernels' tiling, matched against kvlib's references
+    kernels    CuPy RawModule wrappers: fp16 GEMM (naive, tiled, WMMA) and paged decode
+               attention (CUDA cores, Tensor Cores), torch tensors in and out via DLPack
+
+Shapes follow kvlib (B batch, H query heads, K kv heads, G = H / K, T query tokens, D head
+dim; the paged pool is (num_blocks, K, P, D) per layer). Nothing here imports CuPy at import
+time, so `import kvlib.gpu` works on any machine.
+"""

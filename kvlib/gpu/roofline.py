@@ -1,0 +1,141 @@
+"""The roofline model: is a kernel limited by memory bandwidth or by arithmetic?
+
+A kernel doing F floating-point operations while moving Q bytes to and from memory has
+arithmetic intensity I = F / Q (FLOP/byte). A GPU with peak P FLOP/s and bandwidth W bytes/s
+reaches at most min(P, I * W) (Williams et al. 2009): below the ridge point I* = P / W the
+kernel waits on memory, above it on arithmetic.
+
+Decode attention, per sequence and kv head (letters as in kvlib: G = H / K query heads share
+one kv head, T query tokens, S cached keys, D head dim, b bytes per element):
+
+    FLOPs  = 2 * G*T*S*D  (scores q k^T)  +  2 * G*T*S*D  (weights @ v)  = 4 G T S D
+    bytes  = 2 * S*D*b  (read K and V)   +  2 * G*T*D*b  (read q, write the output)
+    I      = 4 G T S D / (2 S D b + 2 G T D b)  ~  2 G T / b  for S >> G T
+
+In fp16 (b = 2) that is about G * T FLOP/byte: 1 for MHA decode (G = T = 1), 8 for a model
+with 8 query heads per kv head. Every GPU in `kvlib.memory.GPUS` has a ridge point in the
+hundreds, so generating a token is memory bound: its speed is set by how fast the cache is read.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kvlib.config import ModelConfig, dtype_bytes
+from kvlib.memory import GPU, get_gpu, get_model
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def decode_attention_flops(G: int, S: int, D: int, T: int = 1) -> int:
+    """FLOPs of attention for one sequence and one kv head: 4 * G * T * S * D."""
+    for name, v in (("G", G), ("S", S), ("D", D), ("T", T)):
+        _positive_int(name, v)
+    return 4 * G * T * S * D
+
+
+def decode_attention_bytes(
+    G: int, S: int, D: int, T: int = 1, dtype: torch.dtype = torch.float16
+) -> int:
+    """Bytes moved for one sequence and one kv head: K and V read once, q read, output written."""
+    for name, v in (("G", G), ("S", S), ("D", D), ("T", T)):
+        _positive_int(name, v)
+    b = dtype_bytes(dtype)
+    return 2 * S * D * b + 2 * G * T * D * b
+
+
+def decode_attention_intensity(
+    G: int, S: int, D: int, T: int = 1, dtype: torch.dtype = torch.float16
+) -> float:
+    """Arithmetic intensity (FLOP/byte) of attention of T queries per head over S cached keys."""
+    return decode_attention_flops(G, S, D, T) / decode_attention_bytes(G, S, D, T, dtype)
+
+
+def model_attention_intensity(
+    model: ModelConfig | str, S: int, T: int = 1, dtype: torch.dtype = torch.float16
+) -> float:
+    """`decode_attention_intensity` with the G and D of a model (a ModelConfig or a name)."""
+    config = get_model(model) if isinstance(model, str) else model
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"model must be a ModelConfig or a name, got {type(model).__name__}")
+    return decode_attention_intensity(config.group_size, S, config.head_dim, T, dtype)
+
+
+def matmul_intensity(M: int, N: int, R: int, dtype: torch.dtype = torch.float16) -> float:
+    """Intensity of (M, R) @ (R, N): 2 M N R FLOPs over (M R + R N + M N) elements moved."""
+    for name, v in (("M", M), ("N", N), ("R", R)):
+        _positive_int(name, v)
+    return 2 * M * N * R / ((M * R + R * N + M * N) * dtype_bytes(dtype))
+
+
+def _gpu(gpu: GPU | str) -> GPU:
+    if isinstance(gpu, str):
+        return get_gpu(gpu)
+    if not isinstance(gpu, GPU):
+        raise TypeError(f"expected a kvlib.memory.GPU or a GPU name, got {type(gpu).__name__}")
+    return gpu
+
+
+def ridge_point(gpu: GPU | str) -> float:
+    """FLOP/byte where the roofline bends: peak FLOP/s divided by bandwidth (bytes/s)."""
+    g = _gpu(gpu)
+    return g.peak_flops / g.bandwidth
+
+
+def attainable_flops(intensity: float, gpu: GPU | str) -> float:
+    """The roofline: min(peak FLOP/s, intensity * bandwidth)."""
+    if not intensity > 0:
+        raise ValueError(f"intensity must be a positive FLOP/byte, got {intensity!r}")
+    g = _gpu(gpu)
+    return min(g.peak_flops, intensity * g.bandwidth)
+
+
+def tile_utilization(G: int, T: int = 1, tile_rows: int = 16) -> float:
+    """Share of a Tensor Core tile's rows holding real queries when G*T rows fill 16-row tiles.
+
+    MHA decode (G = T = 1) uses 1 row of 16; a GQA group of 8 heads uses half a tile.
+    """
+    for name, v in (("G", G), ("T", T), ("tile_rows", tile_rows)):
+        _positive_int(name, v)
+    rows = G * T
+    return rows / (-(-rows // tile_rows) * tile_rows)
+
+
+def measure_bandwidth(
+    nbytes: int = 2**26, device: torch.device | str = "cpu", repeats: int = 5
+) -> float:
+    """Memory bandwidth (bytes/s) of this machine: best of `repeats` copies of an nbytes tensor.
+
+    A copy reads nbytes and writes nbytes, so it moves 2 * nbytes. On CUDA the timing uses
+    events after a warm-up copy. The result varies from run to run (and with other load).
+    """
+    _positive_int("nbytes", nbytes)
+    _positive_int("repeats", repeats)
+    device = torch.device(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    moved = 2 * src.numel() * src.element_size()
+    dst.copy_(src)  # warm-up: page faults, caches
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            stop.record()
+            stop.synchronize()
+            seconds = start.elapsed_time(stop) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            seconds = time.perf_counter() - t0
+        best = min(best, seconds)
+    return moved / best
