@@ -1,0 +1,281 @@
+"""Chunked prefill and online-softmax attention: never build the whole (T, S) score matrix.
+
+Shapes:
+    q: (B, H, T, D)   k, v: (B, K, S, D)   out: (B, H, T, D)   lse: (B, H, T)
+    masks: bool, True = may attend, broadcastable to (B, H, T, S)
+    tokens: (B, T) int64   logits: (B, T, V), or (B, 1, V) for the last token only
+
+Two ways to cut the (T, S) scores of a prefill into pieces, both exact:
+
+    online_softmax_attention   cut the KEYS into blocks of `block_size`: scores (T, block) at a
+                               time, merged by the online-softmax recurrence (a running max m, a
+                               running sum l and a rescaled accumulator), as FlashAttention does
+                               (Milakov & Gimelshein 2018; Dao et al. 2022)
+    chunked_prefill            cut the QUERIES into chunks of `chunk_size` tokens: each chunk runs
+                               through the whole model, writes its keys and values to the cache
+                               and attends to the cache so far plus itself (scores (chunk, S))
+
+The recurrence, for one query row and key blocks j = 1, 2, ... with scores s_j:
+
+    m_j = max(m_{j-1}, max(s_j))
+    l_j = l_{j-1} * exp(m_{j-1} - m_j) + sum(exp(s_j - m_j))
+    o_j = o_{j-1} * exp(m_{j-1} - m_j) + exp(s_j - m_j) @ v_j
+    out = o_last / l_last,   logsumexp = m_last + log(l_last)
+
+Query token t sits at slot S - T + t (bottom-right causal alignment, as in kvlib.attention).
+Scores, the running statistics and the accumulator are fp32 or wider (fp64 stays fp64); the
+output is cast back to the input dtype.
+
+`allocation_profile` measures what a call allocates (peak live bytes, largest single tensor)
+from the allocator events torch.profiler records, on CPU as on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvlib.attention import _acc_dtype, _check_mask, _check_qkv
+from kvlib.cache import CacheFullError, KVCacheError
+from kvlib.transformer import Transformer, left_padding
+
+# ---- online-softmax attention ------------------------------------------------------------------
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of tokens, got {value}")
+    return value
+
+
+def online_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    block_size: int = 64,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention over key blocks of `block_size`, merged by the online-softmax recurrence.
+
+    Same result as `kvlib.attention.attention(q, k, v, mask & causal_mask(T, S))`, but at most a
+    (B, H, T, block_size) block of scores exists at a time. `causal=True` applies the
+    bottom-right causal mask block by block (no (T, S) mask is built); `mask` may be given too.
+    Query rows that may attend to nothing get a zero output (and lse = -inf).
+
+    Returns out (B, H, T, D), and with `return_lse` also the log-sum-exp of each row's scores
+    (B, H, T) in the accumulation dtype: what two partial results need to be merged.
+    """
+    _check_qkv(q, k, v)
+    _check_positive_int("block_size", block_size)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    mask = _check_mask(mask, B, H, T, S, q.device)  # (b, h, t, s) or None
+    if mask is not None:
+        b, h, t, s = mask.shape
+        # per-head (b, H, t, s) -> (b, K, G, t, s); shared (b, 1, t, s) -> (b, 1, 1, t, s)
+        mask = mask.reshape(b, K, G, t, s) if h == H else mask[:, :, None]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+
+    qg = q.to(acc).reshape(B, K, G * T, D)  # (B, K, G*T, D): a group's queries stacked as rows
+    row_max = torch.full((B, K, G, T), float("-inf"), dtype=acc, device=q.device)  # m
+    row_sum = torch.zeros((B, K, G, T), dtype=acc, device=q.device)  # l
+    numer = torch.zeros((B, K, G, T, D), dtype=acc, device=q.device)  # o, not yet divided by l
+    q_pos = torch.arange(S - T, S, device=q.device)  # (T,) absolute slot of each query
+
+    for s0 in range(0, S, block_size):
+        s1 = min(s0 + block_size, S)
+        kb = k[:, :, s0:s1].to(acc)  # (B, K, s, D)
+        vb = v[:, :, s0:s1].to(acc)  # (B, K, s, D)
+        scores = (qg @ kb.transpose(-1, -2)) * scale  # (B, K, G*T, s)
+        scores = scores.reshape(B, K, G, T, s1 - s0)  # (B, K, G, T, s)
+        visible = None
+        if causal:
+            k_pos = torch.arange(s0, s1, device=q.device)  # (s,)
+            visible = k_pos[None, :] <= q_pos[:, None]  # (T, s)
+        if mask is not None:
+            block_mask = mask if mask.shape[-1] == 1 else mask[..., s0:s1]
+            visible = block_mask if visible is None else block_mask & visible
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+
+        new_max = torch.maximum(row_max, scores.amax(dim=-1))  # (B, K, G, T)
+        # Rows that have seen only -inf so far keep m = -inf; shift them by 0 instead (no NaN).
+        shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+        alpha = torch.exp(row_max - shift)  # (B, K, G, T) rescales what was summed before
+        p = torch.exp(scores - shift[..., None])  # (B, K, G, T, s) unnormalized weights
+        row_sum = row_sum * alpha + p.sum(dim=-1)  # (B, K, G, T)
+        pv = p.reshape(B, K, G * T, s1 - s0) @ vb  # (B, K, G*T, D)
+        numer = numer * alpha[..., None] + pv.reshape(B, K, G, T, D)  # (B, K, G, T, D)
+        row_max = new_max
+
+    seen = row_sum > 0  # (B, K, G, T) rows with at least one visible key
+    out = numer / torch.where(seen, row_sum, torch.ones_like(row_sum))[..., None]
+    out = out.reshape(B, H, T, D).to(q.dtype)  # (B, H, T, D)
+    if not return_lse:
+        return out
+    lse = row_max + torch.log(row_sum)  # (B, K, G, T); -inf where nothing was visible
+    return out, lse.reshape(B, H, T)  # (B, H, T)
+
+
+# ---- chunked prefill ---------------------------------------------------------------------------
+
+
+def chunk_bounds(n_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[(start, end), ...] covering [0, n_tokens) in chunks of `chunk_size` (last may be short)."""
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 0:
+        raise ValueError(f"n_tokens must be a non-negative int, got {n_tokens!r}")
+    _check_positive_int("chunk_size", chunk_size)
+    return [(i, min(i + chunk_size, n_tokens)) for i in range(0, n_tokens, chunk_size)]
+
+
+@torch.inference_mode()
+def chunked_prefill(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cache,
+    chunk_size: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    all_logits: bool = False,
+) -> torch.Tensor:
+    """Run the prompt `tokens` (B, T) through `model` `chunk_size` tokens at a time into `cache`.
+
+    Each chunk's queries attend to every slot already cached plus, causally, to the chunk
+    itself; the cache ends up holding exactly what one full-prompt forward would write.
+    Returns the logits of the last token (B, 1, V), or of every token (B, T, V) with
+    `all_logits`. `attention_mask` (B, T) of 0/1 declares left padding (empty cache only).
+
+    Everything is checked before the first chunk runs, so a failed call leaves the cache as
+    it was.
+    """
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            "tokens must be a torch.Tensor of int64 token ids, got "
+            f"{getattr(tokens, 'dtype', type(tokens).__name__)}"
+        )
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must have a non-empty shape (B, T), got {tuple(tokens.shape)}")
+    _check_positive_int("chunk_size", chunk_size)
+    B, T = tokens.shape
+    V = model.config.vocab_size
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"token ids must be in [0, {V}), got values in [{lo}, {hi}]")
+    if getattr(cache, "batch_size", B) != B:
+        raise KVCacheError(f"cache holds {cache.batch_size} rows, tokens have B={B}")
+    S0 = cache.seq_len
+    capacity = min(getattr(cache, "max_seq_len", None) or 2**62, model.config.max_seq_len)
+    if S0 + T > capacity:
+        raise CacheFullError(
+            f"the cache holds {S0} tokens and {T} more would make {S0 + T}, past the "
+            f"capacity of {capacity} (cache or config.max_seq_len)"
+        )
+    n_pad = None
+    if attention_mask is not None:
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(
+                f"attention_mask must have the shape of tokens {(B, T)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if S0 > 0:
+            raise KVCacheError(
+                f"attention_mask declares left padding and needs an empty cache; this one "
+                f"holds {S0} tokens"
+            )
+        n_pad = left_padding(attention_mask)  # (B,), validates the 0/1 pattern
+
+    tokens = tokens.to(model.device)
+    if n_pad is not None:
+        cache.set_left_padding(n_pad.to(model.device))
+    outputs = []
+    for start, end in chunk_bounds(T, chunk_size):
+        # padding already lives in the cache (start), so the chunks need no attention_mask
+        logits = model(tokens[:, start:end], cache, last_only=not all_logits)  # (B, t, V)
+        if all_logits or end == T:
+            outputs.append(logits)
+    return torch.cat(outputs, dim=1) if all_logits else outputs[-1]  # (B, T or 1, V)
+
+
+# ---- measuring memory --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AllocationProfile:
+    """What one call allocated on one device type, from the allocator's own events.
+
+    peak_bytes      the most bytes, allocated during the call, that were alive at one moment
+    largest_bytes   the largest single allocation
+    largest_op      the torch operator that made it (e.g. 'aten::bmm')
+    n_allocations   how many allocations the call made
+    """
+
+    peak_bytes: int
+    largest_bytes: int
+    largest_op: str
+    n_allocations: int
+
+
+def allocation_profile(
+    fn: Callable[[], object], device: torch.device | str = "cpu"
+) -> AllocationProfile:
+    """Run `fn()` under torch.profiler(profile_memory=True) and replay its allocator events.
+
+    Every allocation and free on `device`'s type is recorded with its size and address; summing
+    them in time order gives the bytes alive after each event, whose maximum is the peak. Only
+    memory allocated inside `fn` counts (weights and caches made before it are excluded; a
+    cache written in place allocates nothing). The CUDA caching allocator reports the same
+    events, so on a GPU this agrees with torch.cuda.max_memory_allocated minus the start.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable taking no arguments, got {type(fn).__name__}")
+    device_type = torch.device(device).type
+    # Kineto prints "profiler_start/stop" lines to stderr on every run unless its log level is
+    # raised; 6 silences them (a level the user has set is kept).
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device_type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    allocation = torch._C._profiler._EventType.Allocation
+    events = []  # (time, size, ptr, op that allocated)
+    stack = [(e, None) for e in prof.profiler.kineto_results.experimental_event_tree()]
+    while stack:
+        event, parent = stack.pop()
+        if event.tag == allocation:
+            f = event.extra_fields
+            if f.device.type == device_type:
+                op = parent.name if parent is not None else "(outside any operator)"
+                events.append((event.start_time_ns, f.alloc_size, f.ptr, op))
+        stack.extend((child, event) for child in event.children)
+    events.sort(key=lambda e: e[0])
+    alive: dict[int, int] = {}  # ptr -> bytes, for blocks allocated inside fn
+    live = peak = largest = n = 0
+    largest_op = ""
+    for _, size, ptr, op in events:
+        if size > 0:
+            alive[ptr] = size
+            live += size
+            n += 1
+            if size > largest:
+                largest, largest_op = size, op
+        elif ptr in alive:  # frees of blocks allocated before fn are not counted
+            live -= alive.pop(ptr)
+        peak = max(peak, live)
+    return AllocationProfile(peak, largest, largest_op, n)

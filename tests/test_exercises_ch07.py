@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from kvlib.chunked import online_softmax_attention
+from kvlib.config import tiny
+from kvlib.exercises.ch07 import check_largest_allocation, check_merge
+
+
+def _halves():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 3, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 2, 10, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 2, 10, 8, generator=g, dtype=torch.float64)
+    a, lse_a = online_softmax_attention(q, k[:, :, :5], v[:, :, :5], return_lse=True)
+    b, lse_b = online_softmax_attention(q, k[:, :, 5:], v[:, :, 5:], return_lse=True)
+    return q, k, v, a, lse_a, b, lse_b
+
+
+def test_merge_accepts_right_and_rejects_wrong(capsys):
+    q, k, v, a, lse_a, b, lse_b = _halves()
+    lse = torch.logaddexp(lse_a, lse_b)  # (B, H, T)
+    out = a * (lse_a - lse).exp()[..., None] + b * (lse_b - lse).exp()[..., None]
+    check_merge(q, k, v, out, lse)
+    assert capsys.readouterr().out.startswith("Correct")
+    with pytest.raises(AssertionError, match="plain average"):
+        check_merge(q, k, v, (a + b) / 2, lse)
+    with pytest.raises(AssertionError, match="lse is off"):
+        check_merge(q, k, v, out, torch.maximum(lse_a, lse_b))
+    with pytest.raises(AssertionError, match="differs from attention"):
+        check_merge(q, k, v, out + 1e-3, lse)
+    with pytest.raises(AssertionError, match="shape"):
+        check_merge(q, k, v, out[:, :2], lse)
+
+
+def test_largest_allocation_accepts_right_and_rejects_wrong(capsys):
+    config = tiny(max_seq_len=128)
+    H, T = config.n_heads, 96
+    right = H * 40 * 80 * 4  # chunks of 40, 40, 16: the second has 40 queries x 80 keys
+    check_largest_allocation(right, config, T, 40)
+    assert capsys.readouterr().out.startswith("Correct")
+    with pytest.raises(AssertionError, match="full prefill"):
+        check_largest_allocation(H * T * T * 4, config, T, 40)
+    with pytest.raises(AssertionError, match="it is short here"):
+        check_largest_allocation(H * 16 * T * 4, config, T, 40)
+    with pytest.raises(AssertionError, match="not what was measured"):
+        check_largest_allocation(right + 4, config, T, 40)
+    with pytest.raises(AssertionError, match="int"):
+        check_largest_allocation(float(right), config, T, 40)
