@@ -79,4 +79,4 @@ def test_dtype_bytes_rejects_non_dtype():
 
 def test_unknown_model_suggests_closest():
     with pytest.raises(KeyError, match="did you mean Llama-2-7B"):
-        get_model("llama-2-7b")
+        get_model("Lama-2-7X")
