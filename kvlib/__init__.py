@@ -7,6 +7,7 @@ The public names the chapters use are importable from here; every submodule is o
 from kvlib.cache import CacheFullError, ConcatKVCache, KVCache, KVCacheError
 from kvlib.config import ConfigError, ModelConfig
 from kvlib.generate import generate
+from kvlib.pretrained import load_pretrained
 from kvlib.transformer import Transformer
 
 __version__ = "0.1.0"
@@ -20,4 +21,5 @@ __all__ = [
     "ModelConfig",
     "Transformer",
     "generate",
+    "load_pretrained",
 ]

@@ -1,0 +1,68 @@
+"""The small model this project trained (`python -m kvlib.train`), shipped inside kvlib.
+
+`load_pretrained()` returns (model, tokenizer): a kvlib `Transformer` in eval mode with fp32
+weights on the requested device, and the `BPETokenizer` it was trained with. Weights are read
+from safetensors (no pickle); kvlib/data/config.json holds the ModelConfig and the record of
+the training run (`training_record()`).
+
+Shapes: the model maps tokens (B, T) int64 to logits (B, T, V), V = tokenizer.vocab_size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from kvlib.config import ModelConfig
+from kvlib.data import DATA_DIR, BPETokenizer
+from kvlib.train import CONFIG_FILE, load_weights
+from kvlib.transformer import Transformer
+
+
+def _read_config(path: Path) -> dict:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"no {CONFIG_FILE} in {path}: train a model there first (python -m kvlib.train "
+            f"--out {path})"
+        )
+    meta = json.loads(config_path.read_text())
+    for key in ("model", "weights", "tokenizer"):
+        if key not in meta:
+            raise ValueError(f"{config_path} has no '{key}' entry (not written by kvlib.train?)")
+    return meta
+
+
+def training_record(path: str | Path = DATA_DIR) -> dict:
+    """The record of the training run (steps, time, losses, corpus checksum, ...)."""
+    return _read_config(Path(path)).get("training", {})
+
+
+def load_pretrained(
+    device: torch.device | str = "cpu",
+    path: str | Path = DATA_DIR,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Transformer, BPETokenizer]:
+    """(model, tokenizer) of the shipped model (or of a `kvlib.train` output folder `path`).
+
+    The model is in eval mode, with weights of `dtype` (fp32 by default) on `device`.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}"
+        )
+    path = Path(path)
+    meta = _read_config(path)
+    config = ModelConfig(**meta["model"])
+    tokenizer = BPETokenizer.load(path / meta["tokenizer"])
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the model expects "
+            f"vocab_size={config.vocab_size}"
+        )
+    model = Transformer(config)
+    load_weights(model, path / meta["weights"])
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, tokenizer
