@@ -59,7 +59,7 @@ assignments: $(VENV)/.test
 
 notebooks: $(VENV)/.test
 	for nb in $(NOTEBOOKS); do \
-		$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+		OMP_NUM_THREADS=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 			--ExecutePreprocessor.record_timing=False --ExecutePreprocessor.store_widget_state=False \
 			--ExecutePreprocessor.timeout=600 $$nb || exit 1; \
 	done
