@@ -1,7 +1,7 @@
 """The training corpus and a byte-level BPE tokenizer for the book's small model.
 
 Corpus: the English fortune-cookie files Debian ships in `fortunes` and `fortunes-min`
-(BSD licence, see kvlib/data/CORPUS.md), cleaned and stored compressed in kvlib/data, so
+(BSD licence, see kvlib/assets/CORPUS.md), cleaned and stored compressed in kvlib/assets, so
 nothing is downloaded at training or test time. Documents (one fortune each) are split into
 train and validation by a hash of their text: the split never depends on file order.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "assets"
 CORPUS_PATH = DATA_DIR / "fortunes.txt.xz"
 TOKENIZER_PATH = DATA_DIR / "tokenizer.json"
 
@@ -303,7 +303,7 @@ def unigram_loss(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int
 
 
 def main() -> None:
-    """Rebuild kvlib/data/fortunes.txt.xz from Debian's fortune files."""
+    """Rebuild kvlib/assets/fortunes.txt.xz from Debian's fortune files."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

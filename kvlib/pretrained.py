@@ -2,7 +2,7 @@
 
 `load_pretrained()` returns (model, tokenizer): a kvlib `Transformer` in eval mode with fp32
 weights on the requested device, and the `BPETokenizer` it was trained with. Weights are read
-from safetensors (no pickle); kvlib/data/config.json holds the ModelConfig and the record of
+from safetensors (no pickle); kvlib/assets/config.json holds the ModelConfig and the record of
 the training run (`training_record()`).
 
 Shapes: the model maps tokens (B, T) int64 to logits (B, T, V), V = tokenizer.vocab_size.

@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m kvlib.train", description="Train the book's small model on CPU."
     )
-    parser.add_argument("--out", default=str(DATA_DIR), help="output folder (default: kvlib/data)")
+    parser.add_argument(
+        "--out", default=str(DATA_DIR), help="output folder (default: kvlib/assets)"
+    )
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
