@@ -57,3 +57,30 @@ def check_greedy_loop(greedy: Callable, n_new: int = 12) -> None:
         "did you feed only the newest token after the prefill?",
     )
     correct(f"your loop produced the same {n_new} tokens as kvlib.generate")
+
+
+def check_nucleus_size(nucleus_size: int, prompt: str = "Life is", top_p: float = 0.9) -> None:
+    """Tokens top-p keeps (temperature 1, no top-k) after `prompt` with the trained model."""
+    from kvlib.generate import filter_logits
+    from kvlib.pretrained import load_pretrained
+
+    expect(
+        isinstance(nucleus_size, int) and not isinstance(nucleus_size, bool),
+        f"nucleus_size should be an int, got {type(nucleus_size).__name__}",
+    )
+    model, tok = load_pretrained()
+    with torch.inference_mode():
+        logits = model(torch.tensor([tok.encode(prompt)]))[:, -1]  # (1, V)
+    kept = filter_logits(logits, top_p=top_p).isfinite()  # (1, V)
+    expected = int(kept.sum())
+    expect(nucleus_size > 0, "the nucleus always keeps at least the most likely token")
+    expect(
+        nucleus_size != expected - 1,
+        f"one short: keep the token whose cumulative probability first reaches {top_p} too",
+    )
+    expect(
+        nucleus_size == expected,
+        f"{nucleus_size} is not right: sort the probabilities (softmax of the logits, temperature "
+        f"1) in decreasing order and count tokens until their sum reaches {top_p}",
+    )
+    correct(f"top_p={top_p} keeps {expected} of {logits.shape[-1]} tokens after {prompt!r}")
