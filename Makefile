@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c const
 NOTEBOOKS = $(shell $(BIN)/python tests/toc.py)
 JOBS ?= 2
 
-.PHONY: book test lint unit nbval build-book browser assignments notebooks clean help
+.PHONY: book test lint unit nbval build-book browser bench bench-quick assignments notebooks clean help
 
 help:
 	@echo "make book       build the HTML book into _build/html"
@@ -16,6 +16,7 @@ help:
 	@echo "make notebooks  re-execute every chapter notebook in place (after changing kvlib)"
 	@echo "make assignments  student versions of every chapter into _build/assignments"
 	@echo "make browser    walk the built book in headless Chromium (needs /usr/bin/chromium)"
+	@echo "make bench      python -m kvlib.bench: every optimization measured side by side"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +33,7 @@ book: $(VENV)/.book
 	$(BIN)/jupyter-book build . --all
 	@echo "Open $(CURDIR)/_build/html/index.html"
 
-test: $(VENV)/.test lint unit nbval build-book browser
+test: $(VENV)/.test lint unit nbval build-book browser bench-quick
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check kvlib tests notebooks _ext
@@ -53,6 +54,13 @@ browser: $(VENV)/.test
 		echo "Installing Debian's chromium for the browser walk (needs root and apt-get)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	$(BIN)/python tests/browser_walk.py _build/html
+
+bench: $(VENV)/.test
+	$(BIN)/python -m kvlib.bench --out _build/bench/bench.json
+
+# CI proves the benchmark runs (no timing is asserted); one thread keeps it quick on 2 cores.
+bench-quick: $(VENV)/.test
+	$(BIN)/python -m kvlib.bench --quick --quiet --threads 1 --out _build/bench/bench-quick.json
 
 assignments: $(VENV)/.test
 	$(BIN)/python _ext/assignments.py _build/assignments

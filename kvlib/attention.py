@@ -147,7 +147,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over the last axis in fp32 or wider. A row with nothing visible gets zero weights."""
-    scores = scores.to(_acc_dtype(scores.dtype))
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()
     if mask is None:
         return torch.softmax(scores, dim=-1)
     scores = scores.masked_fill(~mask, float("-inf"))
@@ -190,18 +191,38 @@ def attention(
     """
     _check_qkv(q, k, v)
     B, H, T, D = q.shape
+    mask = _check_mask(mask, B, H, T, k.shape[2], q.device)
+    return _attention(q, k, v, mask, scale)
+
+
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`attention` without the input checks, for callers that built q, k, v and the mask
+    themselves (the model's layers). mask: None or bool, each dim 1 or full, at most 4 dims."""
+    B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K
-    mask = _check_mask(mask, B, H, T, S, q.device)
+    if mask is not None and mask.ndim < 4:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (b, h, t, s)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     qg = q.reshape(B, K, G * T, D)  # (B, K, G*T, D): a group's queries stacked as rows
-    scores = (qg @ k.transpose(-1, -2)).to(_acc_dtype(q.dtype)) * scale  # (B, K, G*T, S)
+    scores = qg @ k.transpose(-1, -2)  # (B, K, G*T, S)
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.float()  # softmax input in fp32
+    scores = scores * scale
     scores = scores.reshape(B, K, G, T, S)  # (B, K, G, T, S)
     if mask is not None:
         b, h, t, s = mask.shape
         # per-head (b, H, t, s) -> (b, K, G, t, s); shared (b, 1, t, s) -> (b, 1, 1, t, s)
         mask = mask.reshape(b, K, G, t, s) if h == H else mask[:, :, None]
     weights = _masked_softmax(scores, mask)  # (B, K, G, T, S) fp32 or fp64
-    weights = weights.reshape(B, K, G * T, S).to(v.dtype)  # (B, K, G*T, S)
+    weights = weights.reshape(B, K, G * T, S)  # (B, K, G*T, S)
+    if weights.dtype != v.dtype:
+        weights = weights.to(v.dtype)
     out = weights @ v  # (B, K, G*T, D)
     return out.reshape(B, H, T, D)  # (B, H, T, D)

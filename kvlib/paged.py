@@ -601,6 +601,19 @@ def _check_paged_args(
         )
 
 
+def _gather_blocks(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """pool (N, K, P, D) of one layer, ids (B, c) block ids -> (B, K, c*P, D), copied once.
+
+    The pool is seen as N*K rows of (P, D) (block n, kv head h is row n*K + h), so one
+    index per block and head lays the blocks out straight in the cache layout.
+    """
+    N, K, P, D = pool.shape
+    B, c = ids.shape
+    heads = torch.arange(K, device=ids.device)  # (K,)
+    rows = (ids[:, None, :] * K + heads[None, :, None]).reshape(-1)  # (B*K*c,) ordered (b, h, j)
+    return pool.reshape(N * K, P, D).index_select(0, rows).view(B, K, c * P, D)  # (B, K, c*P, D)
+
+
 def gather_kv(
     pool: BlockAllocator, block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -608,15 +621,21 @@ def gather_kv(
 
     Row b's tokens sit left-aligned in slots [0, seq_lens[b]); also returns the (B, S) bool
     mask of those slots. Positions past a row's length read block 0 and are masked.
+    Whole blocks are gathered (one index per block and kv head, not per token), straight
+    into the (B, K, S, D) layout.
     """
+    B, M = block_tables.shape
     P = pool.block_size
     S = int(seq_lens.max())
+    if S > M * P:
+        raise ValueError(
+            f"seq_lens up to {S} exceed the {M} blocks x {P} slots of block_tables; "
+            "expected max(seq_lens) <= M * block_size"
+        )
+    ids = block_tables.clamp(min=0)  # (B, M), -1 (no block) reads block 0
+    k = _gather_blocks(pool.k_pool[layer], ids)[:, :, :S]  # (B, K, S, D)
+    v = _gather_blocks(pool.v_pool[layer], ids)[:, :, :S]  # (B, K, S, D)
     r = torch.arange(S, device=block_tables.device)  # (S,)
-    col = (r // P).clamp(max=block_tables.shape[1] - 1)  # (S,)
-    blk = block_tables[:, col].clamp(min=0)  # (B, S)
-    off = (r % P)[None, :].expand_as(blk)  # (B, S)
-    k = pool.k_pool[layer][blk, :, off].permute(0, 2, 1, 3)  # (B, S, K, D) -> (B, K, S, D)
-    v = pool.v_pool[layer][blk, :, off].permute(0, 2, 1, 3)  # (B, S, K, D) -> (B, K, S, D)
     valid = r[None, :] < seq_lens[:, None]  # (B, S)
     return k, v, valid
 
@@ -630,6 +649,7 @@ def paged_attention(
     *,
     scale: float | None = None,
     method: str = "blocks",
+    blocks_per_step: int = 1,
 ) -> torch.Tensor:
     """Attention of each sequence's last T tokens over its cached K/V, read through block tables.
 
@@ -640,10 +660,18 @@ def paged_attention(
     method="gather": copy K/V into (B, K, S, D) and call `kvlib.attention.attention`
     (the reference). method="blocks": visit one block at a time with an online softmax
     (running max m, running denominator l, fp32 accumulator), never holding more than one
-    block of K/V. GQA: the G query heads of a kv head share its blocks.
+    block of K/V. GQA: the G query heads of a kv head share its blocks. blocks_per_step > 1
+    makes "blocks" visit that many blocks per step (fewer, larger steps: less per-step
+    overhead, while each gathered group still fits in the processor's cache).
     """
     if method not in ("blocks", "gather"):
         raise ValueError(f"method must be 'blocks' or 'gather', got {method!r}")
+    if (
+        not isinstance(blocks_per_step, int)
+        or isinstance(blocks_per_step, bool)
+        or blocks_per_step < 1
+    ):
+        raise ValueError(f"blocks_per_step must be an int >= 1, got {blocks_per_step!r}")
     _check_paged_args(q, pool, block_tables, seq_lens, layer)
     B, H, T, D = q.shape
     K = pool.n_kv_heads
@@ -656,6 +684,8 @@ def paged_attention(
     if method == "gather":
         k, v, valid = gather_kv(pool, block_tables, seq_lens, layer)  # (B, K, S, D), (B, S)
         S = k.shape[2]
+        if T == 1 and int(seq_lens.min()) == S:
+            return attention(q, k, v, None, scale=scale)  # one query per row sees every key
         k_pos = torch.arange(S, device=dev)  # (S,)
         mask = valid[:, None, :] & (k_pos[None, None, :] <= q_pos[:, :, None])  # (B, T, S)
         return attention(q, k, v, mask[:, None], scale=scale)  # (B, H, T, D)
@@ -666,20 +696,28 @@ def paged_attention(
     l = torch.zeros((B, K, G * T), device=dev)  # running softmax denominator
     acc = torch.zeros((B, K, G * T, D), device=dev)  # running numerator
     k_pool, v_pool = pool.k_pool[layer], pool.v_pool[layer]
-    for j in range(_n_blocks(int(seq_lens.max()), P)):
-        ids = block_tables[:, j].clamp(min=0)  # (B,)
-        kb = k_pool[ids].float()  # (B, K, P, D): one block per sequence
-        vb = v_pool[ids].float()  # (B, K, P, D)
-        k_pos = j * P + torch.arange(P, device=dev)  # (P,)
-        visible = (k_pos[None, :] < seq_lens[:, None])[:, None, None, :] & (
-            k_pos[None, None, None, :] <= q_pos_g
-        )  # (B, 1, G*T, P)
-        s = (qg @ kb.transpose(-1, -2)) * scale  # (B, K, G*T, P)
-        s = s.masked_fill(~visible, float("-inf"))
-        m_new = torch.maximum(m, s.amax(dim=-1))  # (B, K, G*T)
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+    ids_all = block_tables.clamp(min=0)  # (B, M)
+    n_blocks = _n_blocks(int(seq_lens.max()), P)
+    # blocks [0, n_full) hold only keys every query of every row may see: no mask needed
+    n_full = max(int(seq_lens.min()) - T + 1, 0) // P
+    for j0 in range(0, n_blocks, blocks_per_step):
+        j1 = min(j0 + blocks_per_step, n_blocks)
+        kb = _gather_blocks(k_pool, ids_all[:, j0:j1]).float()  # (B, K, c*P, D), c = j1 - j0
+        vb = _gather_blocks(v_pool, ids_all[:, j0:j1]).float()  # (B, K, c*P, D)
+        s = (qg @ kb.transpose(-1, -2)) * scale  # (B, K, G*T, c*P)
+        if j1 <= n_full:
+            m_new = torch.maximum(m, s.amax(dim=-1))  # (B, K, G*T), finite from block 0 on
+            m_safe = m_new
+        else:
+            k_pos = j0 * P + torch.arange((j1 - j0) * P, device=dev)  # (c*P,)
+            visible = (k_pos[None, :] < seq_lens[:, None])[:, None, None, :] & (
+                k_pos[None, None, None, :] <= q_pos_g
+            )  # (B, 1, G*T, c*P)
+            s = s.masked_fill(~visible, float("-inf"))
+            m_new = torch.maximum(m, s.amax(dim=-1))  # (B, K, G*T)
+            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         alpha = torch.exp(m - m_safe)  # rescales what was summed under the old max
-        p = torch.exp(s - m_safe[..., None])  # (B, K, G*T, P)
+        p = torch.exp(s - m_safe[..., None])  # (B, K, G*T, c*P)
         l = l * alpha + p.sum(dim=-1)
         acc = acc * alpha[..., None] + p @ vb  # (B, K, G*T, D)
         m = m_new

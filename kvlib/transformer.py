@@ -8,7 +8,8 @@ Shapes:
     tokens: (B, T) int64            T new tokens per row
     hidden states x: (B, T, C)
     q: (B, H, T, D)   k, v: (B, K, T, D) new, (B, K, S, D) with the cache
-    rope tables cos, sin: (max_seq_len, D) fp32; gathered per position to (B, 1, T, D)
+    rope tables cos, sin: (max_seq_len, D) fp32; gathered per position to (B, 1, T, D), with
+        the sign of rotate_half folded into sin once per forward pass (`fold_rope_sin`)
     logits: (B, T, V)
 
 With a cache, the T new tokens sit in slots [S - T, S) of an S-slot history, so the causal mask
@@ -29,6 +30,8 @@ from kvlib.config import ModelConfig
 
 # ---- building blocks ---------------------------------------------------------------------------
 
+_FUSED_RMS_NORM = hasattr(F, "rms_norm")
+
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, with the mean taken in fp32."""
@@ -39,9 +42,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # (..., C) fp32
+        if not _FUSED_RMS_NORM:  # torch < 2.4
+            return rms_norm_reference(x, self.weight, self.eps)
+        # torch's rms_norm on the fp32 upcast: the same numbers as `rms_norm_reference`
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # (..., C), one call
+        xf = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)  # (..., C) fp32
         return self.weight * xf.to(x.dtype)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm spelled out: x / sqrt(mean(x^2) + eps) in fp32, cast back, times weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., C) fp32
+    return weight * xf.to(x.dtype)
 
 
 def rope_tables(
@@ -79,6 +93,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def fold_rope_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin (..., D) -> (-sin[:D/2], sin[D/2:]): the sign of rotate_half moved into the table."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat([-s1, s2], dim=-1)
+
+
+def _apply_rope_folded(
+    x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor
+) -> torch.Tensor:
+    """`apply_rope` with a folded sin table (`fold_rope_sin`): rotate_half(x) * sin equals
+    roll(x, D/2) * sin_folded exactly (a sign flip is exact), in two ops fewer per call."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_folded
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; writes its new keys and values to a cache."""
 
@@ -100,12 +128,14 @@ class Attention(nn.Module):
         cache=None,
         layer: int = 0,
     ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). cos and sin (B, 1, T, D) come from `Transformer._forward`,
+        sin folded (`fold_rope_sin`); mask is None or 4-D bool (b, 1, T, S)."""
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = self.wv(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = _apply_rope_folded(q, cos, sin), _apply_rope_folded(k, cos, sin)
         if cache is not None:
             # The cache may store another float dtype (e.g. a bf16 cache for an fp32 model).
             kv_dtype = getattr(cache, "dtype", k.dtype)
@@ -214,6 +244,9 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (S_max, D) fp32
         self.register_buffer("rope_sin", sin, persistent=False)  # (S_max, D) fp32
+        # both tables in one, sin folded (`fold_rope_sin`): one gather per forward pass
+        cos_sin = torch.stack([cos, fold_rope_sin(sin)], dim=1)  # (S_max, 2, D)
+        self.register_buffer("_rope_cos_sin", cos_sin, persistent=False)
         self.init_weights(init_std)
 
     @torch.no_grad()
@@ -231,6 +264,7 @@ class Transformer(nn.Module):
         c = self.config
         device = self.tok_embeddings.weight.device
         self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device)
+        self._rope_cos_sin = torch.stack([self.rope_cos, fold_rope_sin(self.rope_sin)], dim=1)
         return self
 
     @property
@@ -360,8 +394,10 @@ class Transformer(nn.Module):
         """The unchecked forward pass (generate's decode loop calls it with precomputed
         positions (B, T) and mask (B or 1, 1, T, S), or mask=None when every slot is visible)."""
         x = self.tok_embeddings(tokens)  # (B, T, C)
-        cos = self.rope_cos[pos][:, None].to(x.dtype)  # (B, 1, T, D)
-        sin = self.rope_sin[pos][:, None].to(x.dtype)  # (B, 1, T, D)
+        cs = self._rope_cos_sin[pos]  # (B, T, 2, D) fp32: cos and folded sin of each position
+        if cs.dtype != x.dtype:
+            cs = cs.to(x.dtype)
+        cos, sin = cs[:, None, :, 0], cs[:, None, :, 1]  # (B, 1, T, D) each, sin folded
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i)
         if last_only:
