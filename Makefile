@@ -65,12 +65,16 @@ bench-quick: $(VENV)/.test
 assignments: $(VENV)/.test
 	$(BIN)/python _ext/assignments.py _build/assignments
 
+# Widget state is dropped after execution: it would make the book load ipywidgets from a CDN.
 notebooks: $(VENV)/.test
 	for nb in $(NOTEBOOKS); do \
 		OMP_NUM_THREADS=1 $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-			--ExecutePreprocessor.record_timing=False --ExecutePreprocessor.store_widget_state=False \
-			--ExecutePreprocessor.timeout=600 $$nb || exit 1; \
+			--ExecutePreprocessor.record_timing=False --ExecutePreprocessor.timeout=600 $$nb \
+			&& $(BIN)/python -c "$$DROP_WIDGETS" $$nb || exit 1; \
 	done
+
+export DROP_WIDGETS = import nbformat, sys; nb = nbformat.read(sys.argv[1], 4); \
+	nb.metadata.pop("widgets", None); nbformat.write(nb, sys.argv[1])
 
 clean:
 	rm -rf _build .pytest_cache
