@@ -67,8 +67,12 @@ class Cache(Protocol):
     def reset(self) -> None: ...
 
 
-class _CacheBookkeeping:
-    """Lengths, padding and input checks shared by the contiguous caches."""
+class CacheBase:
+    """What every kvlib cache shares: lengths, left padding, input checks, memory accounting.
+
+    A cache variant subclasses it, keeps its per-layer storage, and implements `update` (and
+    `nbytes_allocated` when its storage is not plain `keys` / `values` lists of tensors).
+    """
 
     def __init__(
         self,
@@ -201,12 +205,17 @@ class _CacheBookkeeping:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes(self.dtype)
 
     @property
+    def nbytes_allocated(self) -> int:
+        """Bytes reserved by the buffers, whether or not they hold tokens."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @property
     def nbytes_used(self) -> int:
         """Bytes holding real tokens (padding slots excluded)."""
         return int(self.lengths.sum()) * self._token_bytes()
 
 
-class KVCache(_CacheBookkeeping):
+class KVCache(CacheBase):
     """Preallocated contiguous cache: one (B, K, S_max, D) buffer per layer for K and for V.
 
     `update` copies T new tokens into the next free slots (O(T) work, no reallocation) and
@@ -265,11 +274,6 @@ class KVCache(_CacheBookkeeping):
         self.elements_copied += k.numel() + v.numel()
         return self.keys[layer][:, :, : pos + T], self.values[layer][:, :, : pos + T]
 
-    @property
-    def nbytes_allocated(self) -> int:
-        """Bytes reserved by the buffers, whether or not they hold tokens."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def __repr__(self) -> str:
         return (
             f"KVCache(L={self.n_layers}, B={self.batch_size}, K={self.n_kv_heads}, "
@@ -278,7 +282,7 @@ class KVCache(_CacheBookkeeping):
         )
 
 
-class ConcatKVCache(_CacheBookkeeping):
+class ConcatKVCache(CacheBase):
     """The reference cache: grows by `torch.cat` on every append (a new tensor each step).
 
     Same interface and results as `KVCache`; each append copies the whole history, so T
@@ -313,7 +317,3 @@ class ConcatKVCache(_CacheBookkeeping):
         self._len[layer] = pos + k.shape[2]
         self.elements_copied += self.keys[layer].numel() + self.values[layer].numel()
         return self.keys[layer], self.values[layer]
-
-    @property
-    def nbytes_allocated(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -54,7 +54,7 @@ from typing import Literal
 import torch
 
 from kvlib.attention import causal_mask
-from kvlib.cache import CacheFullError, KVCacheError, _CacheBookkeeping
+from kvlib.cache import CacheBase, CacheFullError, KVCacheError
 from kvlib.config import ModelConfig
 from kvlib.transformer import Transformer, apply_rope, rope_tables
 
@@ -70,7 +70,7 @@ def _check_count(name: str, value: object, lo: int) -> int:
     return value
 
 
-class EvictionCache(_CacheBookkeeping):
+class EvictionCache(CacheBase):
     """A cache of at most `budget` tokens per row; subclasses choose which tokens to keep.
 
     `max_seq_len` (the capacity the Transformer checks) is the budget. `rope_len` is the
@@ -295,11 +295,6 @@ class EvictionCache(_CacheBookkeeping):
             src = buf[:, :, :n]  # (B, K, n) or (B, K, n, D)
             gather_idx = idx if buf.ndim == 3 else idx[..., None].expand(-1, -1, -1, buf.shape[3])
             buf[:, :, :m] = torch.gather(src, 2, gather_idx)  # gather copies before the write
-
-    @property
-    def nbytes_allocated(self) -> int:
-        """Bytes of the K and V buffers (and of H2O's score buffers)."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def __repr__(self) -> str:
         return (

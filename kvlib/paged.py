@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlib.attention import attention
-from kvlib.cache import KVCacheError, _CacheBookkeeping
+from kvlib.cache import CacheBase, KVCacheError
 from kvlib.config import ModelConfig, dtype_bytes
 
 
@@ -229,7 +229,7 @@ class _Sequence:
     swapped: tuple[list[torch.Tensor], list[torch.Tensor]] | None = field(default=None)
 
 
-class PagedKVCache(_CacheBookkeeping):
+class PagedKVCache(CacheBase):
     """KV cache in a block pool: named sequences, an active batch, the `KVCache` interface.
 
     `PagedKVCache(allocator, batch_size)` creates `batch_size` empty sequences (ids

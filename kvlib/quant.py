@@ -42,7 +42,7 @@ from typing import Literal
 
 import torch
 
-from kvlib.cache import KVCacheError, _CacheBookkeeping
+from kvlib.cache import CacheBase, KVCacheError
 from kvlib.config import ModelConfig, dtype_bytes
 
 Granularity = Literal["token", "channel", "group"]
@@ -500,7 +500,7 @@ class _Stream:
         return n_codes * D * self.bits // 8 + groups * per_group + n_resid * D * dtype_bytes(dtype)
 
 
-class QuantizedKVCache(_CacheBookkeeping):
+class QuantizedKVCache(CacheBase):
     """A KV cache that stores keys and values quantized by a `QuantScheme`.
 
     Same interface as `kvlib.KVCache`: `update(layer, k, v)` quantizes the new tokens (those
