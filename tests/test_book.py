@@ -43,3 +43,15 @@ def test_every_citation_resolves_to_a_bib_entry():
             cited |= {k.strip() for k in group.split(",")}
     assert cited, "the chapters cite nothing"
     assert cited <= keys, f"citations without a bib entry: {sorted(cited - keys)}"
+
+
+def test_readme_example_runs(capsys):
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Using kvlib\n\n```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    seq_len, used, allocated = map(int, lines[-1].split())
+    assert seq_len == 3 and 0 < used < allocated
+    assert lines[0].startswith("Life is")
