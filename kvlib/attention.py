@@ -23,10 +23,7 @@ import math
 
 import torch
 
-
-def _check_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+from kvlib.config import check_int
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -88,9 +85,9 @@ def _check_mask(
 
 def causal_mask(T: int, S: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(T, S) bool, bottom-right aligned: query t (slot S - T + t) sees slots <= S - T + t."""
-    _check_int("T", T)
-    _check_int("S", S)
-    if T < 0 or S < T:
+    check_int("T", T, low=0)
+    check_int("S", S, low=0)
+    if S < T:
         raise ValueError(f"causal mask needs 0 <= T <= S, got T={T}, S={S}")
     q_pos = torch.arange(S - T, S, device=device)  # (T,)
     k_pos = torch.arange(S, device=device)  # (S,)
@@ -101,9 +98,7 @@ def sliding_window_mask(
     T: int, S: int, window: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """(T, S) bool: causal, and each query sees only its `window` most recent slots (itself too)."""
-    _check_int("window", window)
-    if window <= 0:
-        raise ValueError(f"window must be a positive number of slots, got {window}")
+    check_int("window", window)
     causal = causal_mask(T, S, device)  # (T, S), validates T and S
     q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
@@ -126,9 +121,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
     This materializes G copies of the cache; `attention` gets the same result without them.
     """
-    _check_int("n_rep", n_rep)
-    if n_rep <= 0:
-        raise ValueError(f"n_rep must be positive (the group size G = H // K), got {n_rep}")
+    check_int("n_rep", n_rep)  # the group size G = H // K
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"repeat_kv expects a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4:

@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from kvlib.config import ModelConfig, dtype_bytes
+from kvlib.config import ModelConfig, check_int, dtype_bytes
 
 
 class KVCacheError(ValueError):
@@ -89,8 +89,7 @@ class CacheBase:
             ("n_kv_heads", n_kv_heads),
             ("head_dim", head_dim),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise KVCacheError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, value, error=KVCacheError)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise KVCacheError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.n_layers = n_layers
@@ -234,9 +233,7 @@ class KVCache(CacheBase):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(n_layers, batch_size, n_kv_heads, head_dim, dtype, device)
-        if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len <= 0:
-            raise KVCacheError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-        self.max_seq_len = max_seq_len
+        self.max_seq_len = check_int("max_seq_len", max_seq_len, error=KVCacheError)
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)  # (B, K, S_max, D)
         self.keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n_layers)]

@@ -41,17 +41,10 @@ import torch
 
 from kvlib.attention import _acc_dtype, _check_mask, _check_qkv
 from kvlib.cache import CacheFullError, KVCacheError
+from kvlib.config import check_int
 from kvlib.transformer import Transformer, left_padding
 
 # ---- online-softmax attention ------------------------------------------------------------------
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive number of tokens, got {value}")
-    return value
 
 
 def online_softmax_attention(
@@ -76,7 +69,7 @@ def online_softmax_attention(
     (B, H, T) in the accumulation dtype: what two partial results need to be merged.
     """
     _check_qkv(q, k, v)
-    _check_positive_int("block_size", block_size)
+    check_int("block_size", block_size)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     B, H, T, D = q.shape
@@ -138,7 +131,7 @@ def chunk_bounds(n_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
     """[(start, end), ...] covering [0, n_tokens) in chunks of `chunk_size` (last may be short)."""
     if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 0:
         raise ValueError(f"n_tokens must be a non-negative int, got {n_tokens!r}")
-    _check_positive_int("chunk_size", chunk_size)
+    check_int("chunk_size", chunk_size)
     return [(i, min(i + chunk_size, n_tokens)) for i in range(0, n_tokens, chunk_size)]
 
 
@@ -171,7 +164,7 @@ def chunked_prefill(
         )
     if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must have a non-empty shape (B, T), got {tuple(tokens.shape)}")
-    _check_positive_int("chunk_size", chunk_size)
+    check_int("chunk_size", chunk_size)
     B, T = tokens.shape
     V = model.config.vocab_size
     lo, hi = int(tokens.min()), int(tokens.max())

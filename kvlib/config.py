@@ -22,6 +22,19 @@ class ConfigError(ValueError):
     """A `ModelConfig` whose numbers cannot describe a model."""
 
 
+def check_int(name: str, value: object, low: int = 1, error: type[Exception] = ValueError) -> int:
+    """`value`, checked to be an int >= low: the one integer check every kvlib module uses.
+
+    Anything but an int (a bool or a float too) raises TypeError; an int below `low` raises
+    `error`, a ValueError subclass of the caller's choosing (ConfigError, KVCacheError, ...).
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise error(f"{name} must be an int >= {low}, got {value}")
+    return value
+
+
 def dtype_bytes(dtype: torch.dtype) -> int:
     """Bytes per element of a torch dtype (fp32 -> 4, bf16 -> 2, int8 -> 1)."""
     if not isinstance(dtype, torch.dtype):
@@ -55,9 +68,7 @@ class ModelConfig:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+            check_int(field, getattr(self, field), error=ConfigError)
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ConfigError(
@@ -69,9 +80,7 @@ class ModelConfig:
             hidden = int(2 * 4 * self.dim / 3)
             object.__setattr__(self, "ffn_dim", 32 * ((hidden + 31) // 32))
         for field in ("head_dim", "ffn_dim"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+            check_int(field, getattr(self, field), error=ConfigError)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}: "

@@ -55,19 +55,11 @@ import torch
 
 from kvlib.attention import causal_mask
 from kvlib.cache import CacheBase, CacheFullError, KVCacheError
-from kvlib.config import ModelConfig
+from kvlib.config import ModelConfig, check_int
 from kvlib.transformer import Transformer, apply_rope, rope_tables
 
 Positions = Literal["cache", "original"]
 POSITIONS = ("cache", "original")
-
-
-def _check_count(name: str, value: object, lo: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value}")
-    return value
 
 
 class EvictionCache(CacheBase):
@@ -96,8 +88,7 @@ class EvictionCache(CacheBase):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(n_layers, batch_size, n_kv_heads, head_dim, dtype, device)
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
-            raise KVCacheError(f"budget must be a positive int (tokens kept), got {budget!r}")
+        check_int("budget", budget, error=KVCacheError)
         if positions not in POSITIONS:
             raise KVCacheError(f"positions must be one of {POSITIONS}, got {positions!r}")
         rope_len = budget if rope_len is None else rope_len
@@ -175,7 +166,7 @@ class EvictionCache(CacheBase):
 
     def next_positions(self, T: int) -> torch.Tensor:
         """(B, T) positions to pass as the model's position_ids for the next T tokens."""
-        _check_count("T", T, 1)
+        check_int("T", T, 1)
         pos = self._write_positions(0, T)  # (T,)
         return pos[None, :].expand(self.batch_size, T)  # (B, T)
 
@@ -266,7 +257,7 @@ class EvictionCache(CacheBase):
 
     def make_room(self, T: int) -> int:
         """Evict tokens so that T new ones fit the budget; return how many were evicted."""
-        _check_count("T", T, 1)
+        check_int("T", T, 1)
         if len(set(self._len)) != 1:
             raise KVCacheError(
                 f"layers hold different lengths {self._len}: make room between forward passes"
@@ -310,7 +301,7 @@ class FullCache(EvictionCache):
     policy = "full"
 
     def make_room(self, T: int) -> int:
-        _check_count("T", T, 1)
+        check_int("T", T, 1)
         if self.seq_len + T > self.budget:
             raise CacheFullError(
                 f"a full cache never evicts: it holds {self.seq_len} of {self.budget} tokens "
@@ -538,7 +529,7 @@ def stream_logits(
         )
     B, N = tokens.shape
     first = max(1, min(N, cache.budget - cache.seq_len)) if prefill is None else prefill
-    _check_count("prefill", first, 1)
+    check_int("prefill", first, 1)
     if first > N:
         raise ValueError(f"prefill={first} is longer than the stream of {N} tokens")
     out = torch.empty(B, N, model.config.vocab_size, dtype=torch.float32, device=model.device)

@@ -37,7 +37,7 @@ from typing import Literal
 
 import torch
 
-from kvlib.config import ModelConfig, dtype_bytes
+from kvlib.config import ModelConfig, check_int, dtype_bytes
 
 KiB = 2**10
 MiB = 2**20
@@ -386,14 +386,6 @@ def attention_kind(model: ModelConfig | str) -> str:
     return "MLA" if extras(config).mla is not None else config.attention_kind
 
 
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
-
-
 # ---- weights -----------------------------------------------------------------------------
 
 
@@ -412,7 +404,7 @@ def weight_bytes(
     Tensor parallelism splits every matrix over tp GPUs; the small norms replicate, which this
     ignores (under 0.01% of a 7B model).
     """
-    _positive_int("tp", tp)
+    check_int("tp", tp)
     return -(-n_params(model) * dtype_bytes(dtype) // tp)
 
 
@@ -433,7 +425,7 @@ class KVQuant:
     overhead_bytes: int = 4
 
     def __post_init__(self) -> None:
-        _positive_int("group_size", self.group_size)
+        check_int("group_size", self.group_size)
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 32:
             raise ValueError(f"bits must be an int in [1, 32], got {self.bits!r}")
         if not isinstance(self.overhead_bytes, int) or self.overhead_bytes < 0:
@@ -456,7 +448,7 @@ class KVQuant:
 def kv_heads_per_gpu(model: ModelConfig | str, tp: int = 1) -> int:
     """kv heads each of tp GPUs holds: K / tp, or 1 (replicated tp / K times) when tp > K."""
     config = _config(model)
-    _positive_int("tp", tp)
+    check_int("tp", tp)
     k = config.n_kv_heads
     if k % tp and tp % k:
         raise ValueError(
@@ -474,7 +466,7 @@ def kv_elements_per_token_per_layer(model: ModelConfig | str, tp: int = 1) -> in
     config = _config(model)
     mla = extras(config).mla
     if mla is not None:
-        _positive_int("tp", tp)
+        check_int("tp", tp)
         return mla.elements_per_token_per_layer
     return 2 * kv_heads_per_gpu(config, tp) * config.head_dim
 
@@ -521,7 +513,7 @@ def cached_tokens(model: ModelConfig | str, seq_len: int, window: Window = "mode
         window = sliding_window(model)
     if window is None:
         return seq_len
-    _positive_int("window", window)
+    check_int("window", window)
     return min(seq_len, window)
 
 
@@ -536,7 +528,7 @@ def kv_cache_bytes(
     window: Window = "model",
 ) -> int:
     """Bytes of KV cache for `batch` sequences of `seq_len` tokens (per GPU when tp > 1)."""
-    _positive_int("batch", batch)
+    check_int("batch", batch)
     tokens = cached_tokens(model, seq_len, window)
     return batch * tokens * kv_bytes_per_token(model, dtype, quant=quant, tp=tp)
 
@@ -606,7 +598,7 @@ def max_context(
     `weight_dtype` (default: `dtype`); the cache uses `dtype`, or `quant` when given.
     """
     config = _config(model)
-    _positive_int("batch", batch)
+    check_int("batch", batch)
     budget = memory_budget(
         config,
         gpu,
@@ -635,7 +627,7 @@ def max_batch(
 ) -> int:
     """Most sequences of `seq_len` tokens whose KV caches fit beside the weights (may be 0)."""
     config = _config(model)
-    _positive_int("seq_len", seq_len)
+    check_int("seq_len", seq_len)
     budget = memory_budget(
         config,
         gpu,

@@ -40,16 +40,11 @@ import torch
 
 from kvlib.attention import attention
 from kvlib.cache import CacheBase, KVCacheError
-from kvlib.config import ModelConfig, dtype_bytes
+from kvlib.config import ModelConfig, check_int, dtype_bytes
 
 
 class OutOfBlocksError(KVCacheError):
     """The block pool has too few free blocks; the failed call changed nothing."""
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _n_blocks(n_tokens: int, block_size: int) -> int:
@@ -83,7 +78,7 @@ class BlockAllocator:
             ("n_kv_heads", n_kv_heads),
             ("head_dim", head_dim),
         ):
-            _check_positive_int(name, value)
+            check_int(name, value)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.n_layers = n_layers
@@ -241,7 +236,7 @@ class PagedKVCache(CacheBase):
     def __init__(self, allocator: BlockAllocator, batch_size: int = 1) -> None:
         if not isinstance(allocator, BlockAllocator):
             raise TypeError(f"allocator must be a BlockAllocator, got {type(allocator).__name__}")
-        _check_positive_int("batch_size", batch_size)
+        check_int("batch_size", batch_size)
         a = allocator
         super().__init__(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, a.dtype, a.device)
         self.allocator = allocator

@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 
 from kvlib.cache import CacheBase, KVCacheError
-from kvlib.config import ModelConfig, dtype_bytes
+from kvlib.config import ModelConfig, check_int, dtype_bytes
 
 Granularity = Literal["token", "channel", "group"]
 GRANULARITIES = ("token", "channel", "group")
@@ -67,10 +67,8 @@ def _check_granularity(
     """Validate granularity and group_size against S tokens and D channels; return group_size."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if group_size is not None and (
-        not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0
-    ):
-        raise ValueError(f"group_size must be None or a positive int, got {group_size!r}")
+    if group_size is not None:
+        check_int("group_size", group_size)
     if granularity == "token" and group_size is not None:
         raise ValueError(
             "granularity 'token' uses all D channels of a token as one group: pass "
@@ -521,8 +519,7 @@ class QuantizedKVCache(CacheBase):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(n_layers, batch_size, n_kv_heads, head_dim, dtype, device)
-        if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len <= 0:
-            raise KVCacheError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+        check_int("max_seq_len", max_seq_len, error=KVCacheError)
         if isinstance(scheme, str):
             if scheme not in SCHEMES:
                 raise KVCacheError(f"unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")

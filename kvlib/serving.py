@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvlib.config import check_int
+
 SHAREGPT_MEAN_INPUT = 161.31  # Kwon et al. 2023, Fig. 11(a), input length, mean (tokens)
 SHAREGPT_MEAN_OUTPUT = 337.99  # Kwon et al. 2023, Fig. 11(a), output length, mean (tokens)
 POLICIES = ("max", "pow2", "exact", "paged")
@@ -68,10 +70,8 @@ def sharegpt_like_trace(
     mean is the published one), rounded, then clipped: p to [1, max_len - 1] and o to
     [1, max_len - p]. Clipping lowers the sample means a little; print them to see.
     """
-    if not isinstance(n_requests, int) or n_requests <= 0:
-        raise ValueError(f"n_requests must be a positive int, got {n_requests!r}")
-    if not isinstance(max_len, int) or max_len < 2:
-        raise ValueError(f"max_len must be an int >= 2 (a prompt and an output), got {max_len!r}")
+    check_int("n_requests", n_requests)
+    check_int("max_len", max_len, low=2)  # a prompt and an output
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma!r}")
     rng = np.random.default_rng(seed)

@@ -208,8 +208,8 @@ def test_bad_padding_raises(pad, match):
 @pytest.mark.parametrize(
     ("args", "kw", "match"),
     [
-        ((0, B, K, D, S_MAX), {}, "n_layers must be a positive integer"),
-        ((L, B, K, D, 0), {}, "max_seq_len must be a positive integer"),
+        ((0, B, K, D, S_MAX), {}, "n_layers must be an int >= 1"),
+        ((L, B, K, D, 0), {}, "max_seq_len must be an int >= 1"),
         ((L, B, K, D, S_MAX), {"dtype": torch.int8}, "floating torch.dtype"),
     ],
 )

@@ -122,7 +122,7 @@ def test_online_softmax_property(B, K, G, T, extra, block, causal):
 
 def test_online_softmax_misuse():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="block_size must be a positive"):
+    with pytest.raises(ValueError, match="block_size must be an int >= 1"):
         online_softmax_attention(q, k, v, block_size=0)
     with pytest.raises(TypeError, match="block_size must be an int"):
         online_softmax_attention(q, k, v, block_size=4.0)
@@ -145,7 +145,7 @@ def test_chunk_bounds_cover_the_prompt():
             covered = [i for s, e in b for i in range(s, e)]
             assert covered == list(range(n)), f"n={n} c={c}: {b}"
             assert all(0 < e - s <= c for s, e in b)
-    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
         chunk_bounds(10, 0)
     with pytest.raises(ValueError, match="n_tokens must be a non-negative int"):
         chunk_bounds(-1, 4)
@@ -252,7 +252,7 @@ def test_chunked_prefill_misuse_leaves_the_cache_alone():
     cases = [
         (ValueError, "token ids must be in", dict(tokens=bad, chunk_size=4)),
         (CacheFullError, "past the capacity of 30", dict(tokens=tokens(T=21), chunk_size=4)),
-        (ValueError, "chunk_size must be a positive", dict(tokens=tokens(T=4), chunk_size=0)),
+        (ValueError, "chunk_size must be an int >= 1", dict(tokens=tokens(T=4), chunk_size=0)),
         (TypeError, "chunk_size must be an int", dict(tokens=tokens(T=4), chunk_size=2.5)),
         (TypeError, "int64 token ids", dict(tokens=tokens(T=4).float(), chunk_size=2)),
         (ValueError, r"shape \(B, T\)", dict(tokens=tokens(T=4)[0], chunk_size=2)),

@@ -52,20 +52,38 @@ def test_frozen_and_replace_revalidates():
     ("changes", "match"),
     [
         ({"n_heads": 6, "n_kv_heads": 4, "head_dim": 8}, "multiple of n_kv_heads"),
-        ({"dim": 0}, "dim must be a positive integer"),
-        ({"n_layers": -1}, "n_layers must be a positive integer"),
-        ({"vocab_size": 2.5}, "vocab_size must be a positive integer"),
+        ({"dim": 0}, "dim must be an int >= 1"),
+        ({"n_layers": -1}, "n_layers must be an int >= 1"),
         ({"dim": 30, "n_heads": 4, "n_kv_heads": 4}, "not divisible by n_heads"),
         ({"head_dim": 7}, "must be even"),
-        ({"head_dim": 0}, "head_dim must be a positive integer"),
+        ({"head_dim": 0}, "head_dim must be an int >= 1"),
         ({"rope_theta": 0.0}, "rope_theta must be positive"),
         ({"norm_eps": -1e-5}, "norm_eps must be positive"),
-        ({"max_seq_len": True}, "max_seq_len must be a positive integer"),
     ],
 )
 def test_invalid_configs_raise(changes, match):
     with pytest.raises(ConfigError, match=match):
         tiny(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"vocab_size": 2.5}, "vocab_size must be an int, got float 2.5"),
+        ({"max_seq_len": True}, "max_seq_len must be an int, got bool True"),
+    ],
+)
+def test_non_integer_sizes_raise_type_error(changes, match):
+    with pytest.raises(TypeError, match=match):
+        tiny(**changes)
+
+
+def test_check_int_bounds_and_error_class():
+    from kvlib.config import check_int
+
+    assert check_int("n", 0, low=0) == 0
+    with pytest.raises(ConfigError, match="n must be an int >= 2, got 1"):
+        check_int("n", 1, low=2, error=ConfigError)
 
 
 def test_config_error_is_value_error():

@@ -319,7 +319,7 @@ def test_memory_accounting_and_crop_reset():
 
 
 def test_constructor_misuse():
-    with pytest.raises(KVCacheError, match="budget must be a positive int"):
+    with pytest.raises(KVCacheError, match="budget must be an int >= 1"):
         SlidingWindowCache(2, 1, 2, 8, 0)
     with pytest.raises(KVCacheError, match="positions must be one of"):
         SlidingWindowCache(2, 1, 2, 8, 8, positions="absolute")

@@ -114,9 +114,9 @@ def test_misuse_raises():
     bad = dict(inp, q=torch.zeros(1, 3, 1, 16))
     with pytest.raises(ValueError, match="multiple of K"):
         em.paged_attention(**bad)
-    with pytest.raises(ValueError, match="num_splits must be a positive"):
+    with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
         em.split_ranges(10, 16, 0)
-    with pytest.raises(ValueError, match="seq_len must be a non-negative"):
+    with pytest.raises(ValueError, match="seq_len must be an int >= 0"):
         em.split_ranges(-1, 16, 1)
     m = np.zeros((1, 1, 1, 2), np.float32)
     with pytest.raises(ValueError, match="partials disagree"):

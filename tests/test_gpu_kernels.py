@@ -66,7 +66,7 @@ def test_attention_checks_its_inputs():
     with pytest.raises(ValueError, match="D a multiple of 16"):
         odd = em.random_paged_inputs([10], 4, 2, 24, 8)
         call(**odd)
-    with pytest.raises(ValueError, match="num_splits must be a positive int"):
+    with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
         call(**inp, num_splits=0)
     with pytest.raises(ValueError, match="method must be one of"):
         call(**inp, method="flash")

@@ -65,7 +65,7 @@ def test_measure_bandwidth_is_a_plausible_rate():
 
 
 def test_misuse_raises():
-    with pytest.raises(ValueError, match="G must be a positive integer"):
+    with pytest.raises(ValueError, match="G must be an int >= 1"):
         rl.decode_attention_flops(0, 10, 64)
     with pytest.raises(TypeError, match="S must be an int"):
         rl.decode_attention_bytes(1, 10.0, 64)
@@ -77,5 +77,5 @@ def test_misuse_raises():
         rl.ridge_point("A1000")
     with pytest.raises(TypeError, match="ModelConfig or a name"):
         rl.model_attention_intensity(42, 100)
-    with pytest.raises(ValueError, match="nbytes must be a positive"):
+    with pytest.raises(ValueError, match="nbytes must be an int >= 1"):
         rl.measure_bandwidth(0)

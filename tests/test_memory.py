@@ -330,11 +330,11 @@ def test_weights_that_do_not_fit():
 def test_negative_length_and_bad_batch():
     with pytest.raises(ValueError, match="seq_len must be >= 0 tokens, got -1"):
         kv_cache_bytes("Llama-2-7B", -1)
-    with pytest.raises(ValueError, match="batch must be positive, got 0"):
+    with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
         kv_cache_bytes("Llama-2-7B", 10, 0)
-    with pytest.raises(ValueError, match="batch must be positive, got 0"):
+    with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
         max_context("Llama-2-7B", "A100-80", 0)
-    with pytest.raises(ValueError, match="seq_len must be positive, got 0"):
+    with pytest.raises(ValueError, match="seq_len must be an int >= 1, got 0"):
         max_batch("Llama-2-7B", "A100-80", 0)
     with pytest.raises(TypeError, match="seq_len must be an int"):
         kv_cache_bytes("Llama-2-7B", 10.5)
@@ -343,11 +343,11 @@ def test_negative_length_and_bad_batch():
 
 
 def test_bad_window_tp_reserve_and_types():
-    with pytest.raises(ValueError, match="window must be positive, got 0"):
+    with pytest.raises(ValueError, match="window must be an int >= 1, got 0"):
         kv_cache_bytes("Llama-2-7B", 10, window=0)
     with pytest.raises(ValueError, match="tp=3 GPUs cannot share 8 kv heads"):
         kv_bytes_per_token("Llama-3-8B", tp=3)
-    with pytest.raises(ValueError, match="tp must be positive"):
+    with pytest.raises(ValueError, match="tp must be an int >= 1"):
         weight_bytes("Llama-3-8B", tp=0)
     with pytest.raises(ValueError, match=r"reserved_fraction must be in \[0, 1\)"):
         memory_budget("Llama-3-8B", "H100-80", reserved_fraction=1.5)
@@ -366,7 +366,7 @@ def test_bad_window_tp_reserve_and_types():
 def test_bad_quant():
     with pytest.raises(ValueError, match=r"bits must be an int in \[1, 32\]"):
         KVQuant(0, 32)
-    with pytest.raises(ValueError, match="group_size must be positive"):
+    with pytest.raises(ValueError, match="group_size must be an int >= 1"):
         KVQuant(4, 0)
     with pytest.raises(ValueError, match="overhead_bytes must be an int >= 0"):
         KVQuant(4, 32, -2)

@@ -123,7 +123,7 @@ def test_allocator_misuse():
         a.free(1.0)
     with pytest.raises(ValueError, match="non-negative int"):
         a.allocate(-1)
-    with pytest.raises(ValueError, match="num_blocks must be a positive integer"):
+    with pytest.raises(ValueError, match="num_blocks must be an int >= 1"):
         BlockAllocator(L, 0, 4, K, D)
     with pytest.raises(TypeError, match="floating torch.dtype"):
         BlockAllocator(L, 4, 4, K, D, dtype=torch.int8)
@@ -402,7 +402,7 @@ def test_swap_misuse_and_swap_in_out_of_blocks():
 def test_cache_constructor_misuse():
     with pytest.raises(TypeError, match="allocator must be a BlockAllocator"):
         PagedKVCache("pool")
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         PagedKVCache(pool(), batch_size=0)
     cache = PagedKVCache(pool(), batch_size=1)
     with pytest.raises(KVCacheError, match=r"must have shape \(B=1, K=2, T, D=4\)"):

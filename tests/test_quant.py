@@ -187,7 +187,7 @@ def test_quantize_misuse_errors():
         quantize(x, granularity="channel", group_size=3)
     with pytest.raises(ValueError, match="granularity must be one of"):
         quantize(x, granularity="row")
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="group_size must be an int >= 1"):
         quantize(x, granularity="group", group_size=0)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         quantize(x.double())

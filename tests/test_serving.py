@@ -34,7 +34,7 @@ def test_trace_is_seeded_bounded_and_near_the_published_means():
 
 
 def test_trace_misuse():
-    with pytest.raises(ValueError, match="n_requests must be a positive int"):
+    with pytest.raises(ValueError, match="n_requests must be an int >= 1"):
         sharegpt_like_trace(0)
     with pytest.raises(ValueError, match="max_len must be an int >= 2"):
         sharegpt_like_trace(5, max_len=1)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from kvlib import paged
+from kvlib.config import check_int
 
 WMMA_TILE = 16  # m16n16k16
 GEMM_BLOCK = 32  # gemm_wmma: a 32 x 32 block of C per thread block
@@ -55,11 +56,9 @@ def split_ranges(seq_len: int, block_size: int, num_splits: int) -> list[tuple[i
     Each partition gets ceil(n_blocks / num_splits) whole blocks, so a block never straddles
     two partitions; trailing partitions may be empty (begin == end).
     """
-    for name, v in (("block_size", block_size), ("num_splits", num_splits)):
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 0:
-        raise ValueError(f"seq_len must be a non-negative integer, got {seq_len!r}")
+    check_int("block_size", block_size)
+    check_int("num_splits", num_splits)
+    check_int("seq_len", seq_len, low=0)
     n_blocks = -(-seq_len // block_size)
     per_split = -(-n_blocks // num_splits)
     out = []

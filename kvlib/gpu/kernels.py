@@ -24,6 +24,7 @@ import math
 import numpy as np
 import torch
 
+from kvlib.config import check_int
 from kvlib.gpu.nvrtc import ToolchainError, include_dirs, kernel_source
 
 GEMM_METHODS = ("naive", "tiled", "wmma")
@@ -151,8 +152,7 @@ def paged_decode_attention(
     """
     if method not in ATTENTION_METHODS:
         raise ValueError(f"method must be one of {ATTENTION_METHODS}, got {method!r}")
-    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits <= 0:
-        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    check_int("num_splits", num_splits)
     _check_tensor("q", q, 4, torch.float16, "(B, H, T, D)")
     _check_tensor("k_pool", k_pool, 4, torch.float16, "(num_blocks, K, P, D)")
     _check_tensor("v_pool", v_pool, 4, torch.float16, "(num_blocks, K, P, D)")

@@ -23,22 +23,14 @@ import time
 
 import torch
 
-from kvlib.config import ModelConfig, dtype_bytes
+from kvlib.config import ModelConfig, check_int, dtype_bytes
 from kvlib.memory import GPU, get_gpu, get_model
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    return value
 
 
 def decode_attention_flops(G: int, S: int, D: int, T: int = 1) -> int:
     """FLOPs of attention for one sequence and one kv head: 4 * G * T * S * D."""
     for name, v in (("G", G), ("S", S), ("D", D), ("T", T)):
-        _positive_int(name, v)
+        check_int(name, v)
     return 4 * G * T * S * D
 
 
@@ -47,7 +39,7 @@ def decode_attention_bytes(
 ) -> int:
     """Bytes moved for one sequence and one kv head: K and V read once, q read, output written."""
     for name, v in (("G", G), ("S", S), ("D", D), ("T", T)):
-        _positive_int(name, v)
+        check_int(name, v)
     b = dtype_bytes(dtype)
     return 2 * S * D * b + 2 * G * T * D * b
 
@@ -72,7 +64,7 @@ def model_attention_intensity(
 def matmul_intensity(M: int, N: int, R: int, dtype: torch.dtype = torch.float16) -> float:
     """Intensity of (M, R) @ (R, N): 2 M N R FLOPs over (M R + R N + M N) elements moved."""
     for name, v in (("M", M), ("N", N), ("R", R)):
-        _positive_int(name, v)
+        check_int(name, v)
     return 2 * M * N * R / ((M * R + R * N + M * N) * dtype_bytes(dtype))
 
 
@@ -104,7 +96,7 @@ def tile_utilization(G: int, T: int = 1, tile_rows: int = 16) -> float:
     MHA decode (G = T = 1) uses 1 row of 16; a GQA group of 8 heads uses half a tile.
     """
     for name, v in (("G", G), ("T", T), ("tile_rows", tile_rows)):
-        _positive_int(name, v)
+        check_int(name, v)
     rows = G * T
     return rows / (-(-rows // tile_rows) * tile_rows)
 
@@ -117,8 +109,8 @@ def measure_bandwidth(
     A copy reads nbytes and writes nbytes, so it moves 2 * nbytes. On CUDA the timing uses
     events after a warm-up copy. The result varies from run to run (and with other load).
     """
-    _positive_int("nbytes", nbytes)
-    _positive_int("repeats", repeats)
+    check_int("nbytes", nbytes)
+    check_int("repeats", repeats)
     device = torch.device(device)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
