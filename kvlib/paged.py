@@ -26,8 +26,9 @@ Sharing: `fork` gives a new sequence the same blocks (reference counts go up);
 the first write into a shared block copies it first (copy-on-write). Preemption:
 `swap_out` moves a sequence's blocks to CPU memory and frees them; `swap_in` brings them back.
 
-`paged_attention` reads K/V through block tables directly: a gather reference, and a
-block-by-block version with an online softmax that never materializes a whole sequence.
+`paged_attention` reads K/V through block tables directly: a gather reference, a
+block-by-block version with an online softmax that never materializes a whole sequence, and a
+fused compiled loop (`kvlib.paged_kernel`) that reads the blocks in place.
 Softmax and its running sums are fp32; the output is cast back to the query dtype.
 """
 
@@ -41,6 +42,9 @@ import torch
 from kvlib.attention import attention
 from kvlib.cache import CacheBase, KVCacheError
 from kvlib.config import ModelConfig, check_int, dtype_bytes
+from kvlib.paged_kernel import paged_attention_fused
+
+PAGED_METHODS = ("gather", "blocks", "fused")  # ways `paged_attention` reads the pool
 
 
 class OutOfBlocksError(KVCacheError):
@@ -653,14 +657,16 @@ def paged_attention(
     Causal: query t of row b sees positions <= seq_lens[b] - T + t. Returns (B, H, T, D).
 
     method="gather": copy K/V into (B, K, S, D) and call `kvlib.attention.attention`
-    (the reference). method="blocks": visit one block at a time with an online softmax
-    (running max m, running denominator l, fp32 accumulator), never holding more than one
-    block of K/V. GQA: the G query heads of a kv head share its blocks. blocks_per_step > 1
-    makes "blocks" visit that many blocks per step (fewer, larger steps: less per-step
-    overhead, while each gathered group still fits in the processor's cache).
+    (the reference). method="fused": one compiled CPU loop (`kvlib.paged_kernel`, float32)
+    that reads each block where it lies in the pool; nothing is copied. method="blocks":
+    visit one block at a time with an online softmax (running max m, running denominator l,
+    fp32 accumulator), never holding more than one block of K/V. GQA: the G query heads of a
+    kv head share its blocks. blocks_per_step > 1 makes "blocks" visit that many blocks per
+    step (fewer, larger steps: less per-step overhead, while each gathered group still fits in
+    the processor's cache).
     """
-    if method not in ("blocks", "gather"):
-        raise ValueError(f"method must be 'blocks' or 'gather', got {method!r}")
+    if method not in PAGED_METHODS:
+        raise ValueError(f"method must be one of {PAGED_METHODS}, got {method!r}")
     if (
         not isinstance(blocks_per_step, int)
         or isinstance(blocks_per_step, bool)
@@ -676,6 +682,10 @@ def paged_attention(
     dev = q.device
     q_pos = seq_lens[:, None] - T + torch.arange(T, device=dev)[None, :]  # (B, T)
 
+    if method == "fused":
+        return paged_attention_fused(
+            q, pool.k_pool[layer], pool.v_pool[layer], block_tables, seq_lens, scale
+        )
     if method == "gather":
         k, v, valid = gather_kv(pool, block_tables, seq_lens, layer)  # (B, K, S, D), (B, S)
         S = k.shape[2]

@@ -8,6 +8,7 @@ from kvlib.cache import Cache, KVCache, KVCacheError
 from kvlib.config import tiny
 from kvlib.generate import generate, left_pad
 from kvlib.paged import (
+    PAGED_METHODS,
     BlockAllocator,
     OutOfBlocksError,
     PagedKVCache,
@@ -410,7 +411,7 @@ def test_cache_constructor_misuse():
 
 
 # ---- paged attention == contiguous attention -----------------------------------------------------
-@pytest.mark.parametrize("method", ["gather", "blocks"])
+@pytest.mark.parametrize("method", PAGED_METHODS)
 @pytest.mark.parametrize(("H", "n_kv"), [(2, 2), (4, 2), (4, 1)])
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("block_size", [1, 4, 5])
@@ -464,7 +465,7 @@ def test_paged_attention_misuse():
     a = pool(num_blocks=4, block_size=4)
     tables, lens = torch.tensor([[0, 1]]), torch.tensor([5])
     q = torch.randn(1, 4, 1, D)
-    with pytest.raises(ValueError, match="method must be 'blocks' or 'gather'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('gather', 'blocks', 'fused'\)"):
         paged_attention(q, a, tables, lens, 0, method="flash")
     with pytest.raises(TypeError, match="pool must be a BlockAllocator"):
         paged_attention(q, None, tables, lens, 0)
