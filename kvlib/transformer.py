@@ -24,9 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvlib.attention import attention, causal_mask
+from kvlib.attention import _attention, causal_mask
 from kvlib.cache import CacheFullError
 from kvlib.config import ModelConfig
+
+# scaled_dot_product_attention takes GQA (enable_gqa) from torch 2.5 on
+_SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
 
 # ---- building blocks ---------------------------------------------------------------------------
 
@@ -144,7 +147,12 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, K, S, D) each
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
-        out = attention(q, k, v, mask)  # (B, H, T, D)
+        if mask is None and _SDPA_GQA and q.dtype in (torch.float32, torch.float64):
+            # Every slot visible (a decode step with no padding): torch's fused kernel does
+            # scale, softmax (in q's dtype, fp32 or wider) and both products in one call.
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != K)  # (B, H, T, D)
+        else:
+            out = _attention(q, k, v, mask)  # (B, H, T, D); fp16/bf16 softmax upcast to fp32
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.wo(out)
 

@@ -128,6 +128,33 @@ def test_prefill_then_decode_matches_full_forward(kind, cache_cls):
     assert cache.seq_len == 20
 
 
+@pytest.mark.parametrize("kind", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unmasked_decode_step_matches_the_masked_path(kind, dtype, monkeypatch):
+    """mask=None takes torch's fused attention; an all-True mask takes kvlib's attention."""
+    import kvlib.transformer as tr
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        tr.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw)
+    )
+    model = model_for(CONFIGS[kind]).to(dtype)
+    c = model.config
+    x = tokens(2, 9)
+    outs = []
+    for unmasked in (True, False):
+        cache = KVCache(c.n_layers, 2, c.n_kv_heads, c.head_dim, 16, dtype=dtype)
+        with torch.no_grad():
+            model(x[:, :8], cache)
+            pos = torch.full((2, 1), 8)
+            mask = None if unmasked else torch.ones(2, 1, 1, 9, dtype=torch.bool)
+            outs.append(model._forward(x[:, 8:], pos, mask, cache))
+    assert len(calls) == c.n_layers, "the unmasked step should use the fused kernel once per layer"
+    d = maxdiff(*outs)
+    assert d < (1e-5 if dtype == torch.float32 else 1e-12), f"{kind} {dtype}: max diff {d:.3g}"
+
+
 def test_chunks_of_several_tokens_use_a_bottom_right_causal_mask():
     model = model_for(tiny())
     x = tokens(1, 15)
