@@ -21,6 +21,8 @@ sees the contiguous layout
 
 gathered from the pool (the gather reference path). Rows of different lengths are
 right-aligned, exactly like left padding; padding slots read as zeros and are never stored.
+A decode step (T = 1) on a float32 CPU pool skips the gather: the model calls `attend`, which
+stores the new token and runs the fused kernel (`kvlib.paged_kernel`) on the blocks in place.
 
 Sharing: `fork` gives a new sequence the same blocks (reference counts go up);
 the first write into a shared block copies it first (copy-on-write). Preemption:
@@ -249,6 +251,7 @@ class PagedKVCache(CacheBase):
         self._next_id = 0
         self._active: list[int] = []
         self._index_cache: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+        self._tables_cache: tuple[tuple, torch.Tensor] | None = None
         self.set_active([self.add_sequence() for _ in range(batch_size)])
 
     @classmethod
@@ -387,10 +390,8 @@ class PagedKVCache(CacheBase):
         """(B, M) int64 block table of the active rows, padded with -1 (M = longest table)."""
         tables = [self._seqs[i].blocks for i in self._active]
         M = max(1, max(len(t) for t in tables))
-        out = torch.full((len(tables), M), -1, dtype=torch.long)
-        for b, t in enumerate(tables):
-            out[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-        return out.to(self.device)
+        padded = [t + [-1] * (M - len(t)) for t in tables]
+        return torch.tensor(padded, dtype=torch.long, device=self.device)  # (B, M)
 
     # ---- the cache interface ---------------------------------------------------------------------
     def update(
@@ -402,11 +403,59 @@ class PagedKVCache(CacheBase):
         allocated (and shared blocks copied) for every row before anything is written; if
         the pool runs out, OutOfBlocksError is raised and no sequence has changed.
         """
+        self._write(layer, k, v)
+        return self._gather(layer, self._len[layer])
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether `attend` can read this pool in place (`kvlib.paged_kernel`: CPU, float32)."""
+        return self.device.type == "cpu" and self.dtype == torch.float32
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One decode step of `layer` without a gather: append k, v (B, K, 1, D) like `update`,
+        then attention of q (B, H, 1, D) over each row's own tokens, read from the blocks where
+        they lie. Returns (B, H, 1, D). Needs `fused_decode`; the model calls it when T == 1,
+        where its mask is exactly each row's real tokens.
+        """
+        if not self.fused_decode:
+            raise KVCacheError(
+                f"attend reads float32 pools on the CPU; this pool is {self.dtype} on "
+                f"{self.device} (use update, then attention)"
+            )
+        if not isinstance(q, torch.Tensor) or q.ndim != 4 or q.shape[2] != 1:
+            raise KVCacheError(
+                f"q must be a (B, H, 1, D) decode query, got {tuple(getattr(q, 'shape', ()))}"
+            )
+        B, H, _, D = q.shape
+        if B != self.batch_size or D != self.head_dim or H % self.n_kv_heads:
+            raise KVCacheError(
+                f"q {tuple(q.shape)} does not fit this cache: expected B={self.batch_size}, "
+                f"D={self.head_dim} and H a multiple of K={self.n_kv_heads}"
+            )
+        if k.shape[2] != 1:
+            raise KVCacheError(f"attend takes one new token per row, got T={k.shape[2]}")
+        self._write(layer, k, v)
+        lens = [self._seqs[i].lens[layer] for i in self._active]
+        if min(lens) < 1:
+            raise KVCacheError(f"every row needs a token to attend to, got lengths {lens}")
+        seq_lens = torch.tensor(lens, dtype=torch.long)  # (B,)
+        key = self._active_tables_key()
+        if self._tables_cache is None or self._tables_cache[0] != key:
+            self._tables_cache = (key, self.block_tables())  # the same for every layer of a step
+        scale = 1.0 / math.sqrt(D)
+        pool = self.allocator
+        return paged_attention_fused(
+            q, pool.k_pool[layer], pool.v_pool[layer], self._tables_cache[1], seq_lens, scale
+        )  # (B, H, 1, D)
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, K, T, D) of the active rows in their blocks (the first half of update)."""
         T = self._check_kv(layer, k, v, 2**62)
         pos = self._len[layer]
         P = self.block_size
         start = self._start.tolist()
-        plans = []  # (row, seq, old, new): real tokens [old, new) get written
+        alloc = self.allocator
+        plans = []  # (row, seq, old, new, blocks needed): real tokens [old, new) get written
         need_new = 0
         writers: dict[int, int] = {}  # shared block -> rows about to write into it
         for b, seq_id in enumerate(self._active):
@@ -417,31 +466,33 @@ class PagedKVCache(CacheBase):
                     f"row {b} (sequence {seq_id}) holds {seq.lens[layer]} tokens in layer "
                     f"{layer}, the batch view expects {old}"
                 )
-            if new > old:
-                need_new += max(_n_blocks(new, P) - len(seq.blocks), 0)
-                for j in range(old // P, min(_n_blocks(new, P), len(seq.blocks))):
-                    if self.allocator.refcount(seq.blocks[j]) > 1:
-                        writers[seq.blocks[j]] = writers.get(seq.blocks[j], 0) + 1
-            plans.append((b, seq, old, new))
+            if new == old:
+                continue
+            n_blocks = _n_blocks(new, P)
+            need_new += max(n_blocks - len(seq.blocks), 0)
+            for j in range(old // P, min(n_blocks, len(seq.blocks))):
+                if alloc.refcount(seq.blocks[j]) > 1:
+                    writers[seq.blocks[j]] = writers.get(seq.blocks[j], 0) + 1
+            plans.append((b, seq, old, new, n_blocks))
         # each writer copies while others still hold the block: the last holder keeps it
-        need_cow = sum(min(w, self.allocator.refcount(blk) - 1) for blk, w in writers.items())
-        if need_new + need_cow > self.allocator.num_free:
+        need_cow = sum(min(w, alloc.refcount(blk) - 1) for blk, w in writers.items())
+        if need_new + need_cow > alloc.num_free:
             raise OutOfBlocksError(
                 f"this step needs {need_new} new blocks and {need_cow} copy-on-write copies "
-                f"but only {self.allocator.num_free} of {self.allocator.num_blocks} blocks are "
+                f"but only {alloc.num_free} of {alloc.num_blocks} blocks are "
                 "free; nothing was written (swap out or free a sequence, then retry)"
             )
         rows, cols, blk, off = [], [], [], []
-        for b, seq, old, new in plans:
-            if new == old:
-                continue
-            for j in range(old // P, min(_n_blocks(new, P), len(seq.blocks))):
-                if self.allocator.refcount(seq.blocks[j]) > 1:  # shared: copy on write
-                    (fresh,) = self.allocator.allocate(1)
-                    self.allocator.copy_block(seq.blocks[j], fresh)
-                    self.allocator.free(seq.blocks[j])
-                    seq.blocks[j] = fresh
-            seq.blocks += self.allocator.allocate(max(_n_blocks(new, P) - len(seq.blocks), 0))
+        for b, seq, old, new, n_blocks in plans:
+            if writers:
+                for j in range(old // P, min(n_blocks, len(seq.blocks))):
+                    if alloc.refcount(seq.blocks[j]) > 1:  # shared: copy on write
+                        (fresh,) = alloc.allocate(1)
+                        alloc.copy_block(seq.blocks[j], fresh)
+                        alloc.free(seq.blocks[j])
+                        seq.blocks[j] = fresh
+            if n_blocks > len(seq.blocks):
+                seq.blocks += alloc.allocate(n_blocks - len(seq.blocks))
             for r in range(old, new):
                 rows.append(b)
                 cols.append(r + start[b] - pos)  # the token's index t in [0, T)
@@ -449,14 +500,11 @@ class PagedKVCache(CacheBase):
                 off.append(r % P)
             seq.lens[layer] = new
         if rows:
-            dev = self.device
-            rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
-            blk_t, off_t = torch.tensor(blk, device=dev), torch.tensor(off, device=dev)
+            rows_t, cols_t, blk_t, off_t = torch.tensor([rows, cols, blk, off], device=self.device)
             # pool[blk, :, off] is (n, K, D); k[rows, :, cols] is (n, K, D)
             self.allocator.k_pool[layer][blk_t, :, off_t] = k[rows_t, :, cols_t]
             self.allocator.v_pool[layer][blk_t, :, off_t] = v[rows_t, :, cols_t]
         self._len[layer] = pos + T
-        return self._gather(layer, pos + T)
 
     def _gather(self, layer: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The active rows' first S view slots of `layer` as (B, K, S, D), padding zeroed."""

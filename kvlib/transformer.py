@@ -139,6 +139,13 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = self.wv(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         q, k = _apply_rope_folded(q, cos, sin), _apply_rope_folded(k, cos, sin)
+        fused = cache is not None and T == 1 and getattr(cache, "fused_decode", False)
+        if fused and q.dtype == cache.dtype:
+            # A paged cache that reads its blocks in place stores k, v and attends in one call,
+            # with no (B, K, S, D) copy of the history. With T = 1 the mask is each row's real
+            # tokens, which the cache knows as its sequence lengths.
+            out = cache.attend(layer, q, k, v)  # (B, H, 1, D)
+            return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
         if cache is not None:
             # The cache may store another float dtype (e.g. a bf16 cache for an fp32 model).
             kv_dtype = getattr(cache, "dtype", k.dtype)

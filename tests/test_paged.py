@@ -602,3 +602,64 @@ def test_preempted_sequence_produces_the_same_tokens(model, mode):
             break
         tok = model(tok[:, None], cache)[:, -1].argmax(-1)
     assert out == want
+
+
+# ---- decode without a gather: attend ------------------------------------------------------------
+def test_attend_matches_update_then_attention():
+    torch.manual_seed(0)
+    H = 4
+    a = PagedKVCache(pool(num_blocks=32, block_size=3), batch_size=1)
+    b = PagedKVCache(pool(num_blocks=32, block_size=3), batch_size=1)
+    for cache in (a, b):  # three sequences of 5, 9 and 2 tokens, blocks interleaved in the pool
+        cache.add_sequence(), cache.add_sequence()
+    torch.manual_seed(1)
+    for sid, n in ((0, 5), (1, 9), (2, 2)):
+        k, v = kv(1, n)
+        for cache in (a, b):
+            cache.set_active([sid])
+            append(cache, k, v)
+    a.set_active([0, 1, 2]), b.set_active([0, 1, 2])  # rows right-aligned: starts 4, 0, 7
+    q, (k, v) = torch.randn(3, H, 1, D), kv(3, 1)
+    for layer in range(L):
+        got = a.attend(layer, q, k, v)
+        k_all, v_all = b.update(layer, k, v)  # (B, K, S, D), left-padded view
+        want = attention(q, k_all, v_all, b.valid_mask(k_all.shape[2])[:, None, None, :])
+        diff = (got - want).abs().max().item()
+        assert diff < 1e-6, f"layer {layer}: max diff {diff:.2e}"
+    assert a.lengths.tolist() == b.lengths.tolist() == [6, 10, 3]
+
+
+def test_model_decodes_through_attend_and_matches_kvcache(model, monkeypatch):
+    calls = []
+    real = PagedKVCache.attend
+    monkeypatch.setattr(PagedKVCache, "attend", lambda self, *a: calls.append(1) or real(self, *a))
+    tokens, mask = left_pad([[1, 2, 3], [4, 5, 6, 7, 8, 9]])
+    want = generate(model, tokens, 6, attention_mask=mask)
+    cache = PagedKVCache.from_config(model.config, 2, num_blocks=16, block_size=4)
+    got = generate(model, tokens, 6, attention_mask=mask, cache=cache)
+    assert torch.equal(got, want)
+    assert len(calls) == 5 * model.config.n_layers  # every decode step, every layer
+
+
+def test_low_precision_pool_decodes_through_update(model):
+    cache = PagedKVCache.from_config(
+        model.config, 1, num_blocks=8, block_size=4, dtype=torch.bfloat16
+    )
+    assert not cache.fused_decode
+    with pytest.raises(KVCacheError, match="attend reads float32 pools on the CPU"):
+        cache.attend(0, torch.randn(1, 4, 1, 8), *kv(1, 1, dtype=torch.bfloat16))
+    out = generate(model, torch.tensor([[1, 2, 3]]), 4, cache=cache)  # falls back to update
+    assert out.shape == (1, 7) and cache.seq_len == 6
+
+
+def test_attend_misuse_leaves_the_cache_unchanged():
+    cache = PagedKVCache(pool(num_blocks=4, block_size=4), batch_size=1)
+    append(cache, *kv(1, 3))
+    before = snapshot(cache)
+    with pytest.raises(KVCacheError, match=r"q must be a \(B, H, 1, D\) decode query"):
+        cache.attend(0, torch.randn(1, 4, 2, D), *kv(1, 1))
+    with pytest.raises(KVCacheError, match="does not fit this cache"):
+        cache.attend(0, torch.randn(2, 4, 1, D), *kv(1, 1))
+    with pytest.raises(KVCacheError, match="one new token per row, got T=2"):
+        cache.attend(0, torch.randn(1, 4, 1, D), *kv(1, 2))
+    assert_unchanged(cache, before)
