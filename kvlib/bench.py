@@ -959,7 +959,7 @@ def write_json(result: dict, path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Command line: `python -m kvlib.bench [--quick] [--device D] [--threads N] [--out F]`."""
+    """Command line: `python -m kvlib.bench [--gpu] [--quick] [--device D] [--out F] ...`."""
     parser = argparse.ArgumentParser(
         prog="python -m kvlib.bench", description=__doc__.split("\n")[0]
     )
@@ -976,8 +976,29 @@ def main(argv: list[str] | None = None) -> dict:
         "--out", default=str(DEFAULT_OUT), help=f"JSON path (default {DEFAULT_OUT})"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="chapter 10's CUDA kernels instead (kvlib.gpu.bench; default --out "
+        "_build/bench/gpu.json)",
+    )
     args = parser.parse_args(argv)
     words = sys.argv[1:] if argv is None else argv
+    if args.gpu:
+        from kvlib.gpu import bench as gpu_bench
+
+        if args.sections is not None or args.threads is not None:
+            raise BenchError("--sections and --threads belong to the CPU bench, not to --gpu")
+        result = gpu_bench.run_gpu(
+            quick=args.quick,
+            reps=args.reps,
+            quiet=args.quiet,
+            command=" ".join(["python -m kvlib.bench", *words]),
+        )
+        print(gpu_bench.format_gpu(result))
+        out = gpu_bench.DEFAULT_OUT if args.out == str(DEFAULT_OUT) else args.out
+        print(f"wrote {write_json(result, out)}")
+        return result
     result = run(
         quick=args.quick,
         device=args.device,

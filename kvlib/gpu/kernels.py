@@ -10,6 +10,8 @@ through DLPack: no copies, and the launch goes on torch's current stream.
         q: (B, H, T, D) fp16; k_pool, v_pool: (num_blocks, K, P, D) fp16 (one layer's pool);
         block_tables: (B, M) int32; seq_lens: (B,) int32 -> (B, H, T, D) fp16
         method: "cuda_core" | "wmma" (Tensor Cores: the G*T rows of a GQA group per tile)
+    paged_decode_launcher(...)        the same arguments, checked once: returns a function
+        that launches the kernels (for timing and decode loops); launch_plan gives its grid
 
 Every check runs before CuPy is imported, so misuse (a CPU tensor, a wrong dtype, a strided
 view) raises a clear error on any machine. The reference paths: `a.float() @ b.float()` and
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -133,7 +136,35 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "wmma") -> torch.Ten
     return c
 
 
-def paged_decode_attention(
+def launch_plan(method: str, B: int, H: int, K: int, T: int, D: int, num_splits: int) -> dict:
+    """Grid, block and dynamic shared memory of the attention kernel `method` uses.
+
+    cuda_core: one block of 128 threads per (row, query head, token, split);
+    wmma: one warp per (row, kv head, 16-row tile of the G*T rows, split), with 160 D + 1856
+    bytes of dynamic shared memory (see paged_attention_wmma). `blocks_per_split` is the
+    number of thread blocks with one partition.
+    """
+    if method not in ATTENTION_METHODS:
+        raise ValueError(f"method must be one of {ATTENTION_METHODS}, got {method!r}")
+    for name, n in (("B", B), ("H", H), ("K", K), ("T", T), ("D", D), ("num_splits", num_splits)):
+        check_int(name, n)
+    if H % K:
+        raise ValueError(f"H={H} must be a multiple of K={K}")
+    if method == "wmma":
+        n_tiles = -(-(H // K) * T // 16)  # 16-row Tensor Core tiles of the G*T query rows
+        grid, block, smem = (num_splits, K * n_tiles, B), (32,), 160 * D + 1856
+    else:
+        grid, block, smem = (num_splits, H * T, B), (128,), 0
+    return {
+        "kernel": f"paged_attention_{method}",
+        "grid": grid,
+        "block": block,
+        "shared_mem": smem,
+        "blocks_per_split": grid[1] * grid[2],
+    }
+
+
+def paged_decode_launcher(
     q: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
@@ -143,12 +174,13 @@ def paged_decode_attention(
     method: str = "wmma",
     num_splits: int = 1,
     scale: float | None = None,
-) -> torch.Tensor:
-    """Attention of each row's last T tokens over its paged K/V: (B, H, T, D) fp16.
+) -> Callable[[], torch.Tensor]:
+    """Validate once and prepare `paged_decode_attention`; return a function that launches it.
 
-    Same contract as `kvlib.paged.paged_attention` (causal, bottom-right aligned; head h
-    reads kv head h // G), with the keys of each row cut into `num_splits` partitions that
-    run in parallel and are merged by `split_kv_reduce` (flash-decoding).
+    Each call of the returned function runs the attention kernel and `split_kv_reduce` on the
+    same inputs (read again, so new cache contents are seen) and returns the (B, H, T, D)
+    output tensor, reused between calls. The checks, which read seq_lens and block_tables on
+    the host, run here and not in every launch (for timing, and for a decode loop).
     """
     if method not in ATTENTION_METHODS:
         raise ValueError(f"method must be one of {ATTENTION_METHODS}, got {method!r}")
@@ -191,7 +223,10 @@ def paged_decode_attention(
     ids = tables[needed]
     if bool(((ids < 0) | (ids >= n_blocks)).any()):
         raise IndexError(f"block_tables name blocks outside [0, {n_blocks}) where tokens live")
+    if method == "wmma":
+        _check_tensor_cores(device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    plan = launch_plan(method, B, H, K, T, D, num_splits)
 
     part_m = torch.empty(B, H, T, num_splits, dtype=torch.float32, device=device)
     part_l = torch.empty_like(part_m)  # (B, H, T, NS)
@@ -203,17 +238,37 @@ def paged_decode_attention(
         *(np.int32(n) for n in (H, K, T, D, P, M, num_splits)),
         np.float32(scale),
     )
-    if method == "wmma":
-        _check_tensor_cores(device)
-        rows = (H // K) * T  # G*T query rows per kv head
-        n_tiles = -(-rows // 16)  # 16-row Tensor Core tiles
-        smem = 160 * D + 1856  # see paged_attention_wmma
-        grid = (num_splits, K * n_tiles, B)
-        _launch(device, "paged_attention.cu", "paged_attention_wmma", grid, (32,), args, smem)
-    else:
-        grid = (num_splits, H * T, B)
-        _launch(device, "paged_attention.cu", "paged_attention_cuda_core", grid, (128,), args)
     reduce_args = (*(_as_cupy(x) for x in (part_m, part_l, part_o, out)), np.int32(num_splits),
                    np.int32(D))  # fmt: skip
-    _launch(device, "paged_attention.cu", "split_kv_reduce", (B * H * T,), (128,), reduce_args)
-    return out
+    file = "paged_attention.cu"
+
+    def launch() -> torch.Tensor:
+        _launch(device, file, plan["kernel"], plan["grid"], plan["block"], args, plan["shared_mem"])
+        _launch(device, file, "split_kv_reduce", (B * H * T,), (128,), reduce_args)
+        return out
+
+    return launch
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    method: str = "wmma",
+    num_splits: int = 1,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of each row's last T tokens over its paged K/V: (B, H, T, D) fp16.
+
+    Same contract as `kvlib.paged.paged_attention` (causal, bottom-right aligned; head h
+    reads kv head h // G), with the keys of each row cut into `num_splits` partitions that
+    run in parallel and are merged by `split_kv_reduce` (flash-decoding).
+    """
+    launch = paged_decode_launcher(
+        q, k_pool, v_pool, block_tables, seq_lens, method=method, num_splits=num_splits,
+        scale=scale,
+    )  # fmt: skip
+    return launch()
