@@ -159,7 +159,8 @@ def paged_attention_fused(
     K = k_pool.shape[1]
     qg = q.detach().reshape(B, K, H // K, T, D).contiguous()  # (B, K, G, T, D)
     out = torch.empty_like(qg)  # (B, K, G, T, D)
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     _paged_decode(
         qg.numpy(),
         k_pool.detach().contiguous().numpy(),
@@ -169,4 +170,8 @@ def paged_attention_fused(
         np.float32(scale),
         out.numpy(),
     )
+    if torch.get_num_threads() != threads:
+        # Numba's OpenMP pool can set the OpenMP thread count torch reads too; put it back so
+        # torch's own kernels (and their float summation order) do not change behind its back
+        torch.set_num_threads(threads)
     return out.reshape(B, H, T, D)  # (B, H, T, D)

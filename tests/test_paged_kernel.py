@@ -53,7 +53,8 @@ def test_fused_matches_gather_ragged(lens, G, P, scale):
     q = torch.randn(len(lens), G * K, 1, D, generator=torch.Generator().manual_seed(P))
     want = paged_attention(q, pool, tables, seq_lens, 0, method="gather", scale=scale)
     got = paged_attention(q, pool, tables, seq_lens, 0, method="fused", scale=scale)
-    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+    # scores reach ~30 at scale 4: exp turns their fp32 rounding (~|s| eps) into ~2e-6
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_fused_same_result_on_one_and_two_threads():
@@ -115,3 +116,15 @@ def test_fused_misuse():
         softmax_numerator(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="must not be empty"):
         softmax_numerator(torch.zeros(0))
+
+
+def test_fused_leaves_torch_thread_count_alone():
+    pool, tables, seq_lens = scattered_pool([50, 20], 2, 16, 8)
+    q = torch.randn(2, 4, 1, 16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        paged_attention(q, pool, tables, seq_lens, 0, method="fused")
+        assert torch.get_num_threads() == 1  # Numba's OpenMP pool must not change torch's
+    finally:
+        torch.set_num_threads(before)
