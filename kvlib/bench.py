@@ -939,15 +939,21 @@ def format_report(result: dict) -> str:
                     f"{name:>12} {_fmt(tps):>10} tok/s  x{_fmt(p['vs_contiguous'][name])} "
                     f"tokens as contiguous: {p['tokens_equal_contiguous'][name]}"
                 )
-    lines.append("\ntargets")
-    for t in result["targets"]:
+    lines += format_targets(result["targets"])
+    lines.append(f"\nelapsed {result.get('elapsed_s', 0):.1f} s")
+    return "\n".join(lines)
+
+
+def format_targets(targets: list[dict]) -> list[str]:
+    """Lines of a report's target table: status, figure, metric = value (target op bound)."""
+    lines = ["\ntargets"]
+    for t in targets:
         note = f"  ({t['note']})" if t["note"] else ""
         lines.append(
             f"  {t['status']:<4} {t['figure']}: {t['metric']} = {_fmt(t['value'])} "
             f"(target {t['op']} {t['target']}){note}"
         )
-    lines.append(f"\nelapsed {result.get('elapsed_s', 0):.1f} s")
-    return "\n".join(lines)
+    return lines
 
 
 def write_json(result: dict, path: str | Path) -> Path:

@@ -25,15 +25,7 @@ CPU = torch.device("cpu")
 GiB, MiB = 2**30, 2**20
 
 
-def _has_gpu() -> bool:
-    try:
-        import cupy
-    except ImportError:
-        return False
-    return torch.cuda.is_available() and cupy.is_available()
-
-
-requires_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU and CuPy")
+requires_gpu = pytest.mark.skipif(not gk.available(), reason="needs a CUDA GPU and CuPy")
 
 
 # ---- no GPU: clear errors ---------------------------------------------------------------------
@@ -62,7 +54,7 @@ def test_main_gpu_fails_with_the_message(monkeypatch, tmp_path):
         bench.main(["--gpu", "--threads", "2"])
 
 
-@pytest.mark.skipif(_has_gpu(), reason="checks the exit where no GPU is present")
+@pytest.mark.skipif(gk.available(), reason="checks the exit where no GPU is present")
 def test_command_line_exits_nonzero_without_a_gpu():
     proc = subprocess.run(
         [sys.executable, "-m", "kvlib.bench", "--gpu", "--quick", "--quiet"],

@@ -12,16 +12,7 @@ import torch
 from kvlib.gpu import emulate as em
 from kvlib.gpu import kernels as gk
 
-
-def _has_gpu() -> bool:
-    try:
-        import cupy
-    except ImportError:
-        return False
-    return torch.cuda.is_available() and cupy.is_available()
-
-
-requires_gpu = pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU and CuPy")
+requires_gpu = pytest.mark.skipif(not gk.available(), reason="needs a CUDA GPU and CuPy")
 
 
 # ---- misuse: runs everywhere ------------------------------------------------------------------
@@ -72,7 +63,7 @@ def test_attention_checks_its_inputs():
         call(**inp, method="flash")
 
 
-@pytest.mark.skipif(_has_gpu(), reason="checks the message shown where no GPU is present")
+@pytest.mark.skipif(gk.available(), reason="checks the message shown where no GPU is present")
 def test_no_gpu_is_reported_when_loading_a_module():
     with pytest.raises(gk.GPUUnavailableError, match="CuPy"):
         gk.load_module("gemm.cu")
@@ -142,3 +133,8 @@ def _assert_close(out, ref, what, atol=2e-3, rtol=2e-3):
     diff = (out - ref).abs()
     ok = bool((diff <= atol + rtol * ref.abs()).all())
     assert ok, f"{what}: max diff {diff.max().item():.2e} (atol {atol}, rtol {rtol})"
+
+
+def test_available_agrees_with_torch_and_cupy(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gk.available() is False  # no CUDA device seen by torch: never available

@@ -64,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from kvlib.bench import BenchError, _target, machine_info, median, versions
+from kvlib.bench import BenchError, _target, format_targets, machine_info, median, versions
 from kvlib.config import check_int
 from kvlib.gpu import kernels as gk
 from kvlib.gpu.roofline import decode_attention_bytes
@@ -837,13 +837,7 @@ def format_gpu(result: dict) -> str:
                     f"{_pct(c['fraction_of_copy']):>7} {_pct(c['fraction_of_spec']):>7} "
                     f"{c['rel_err']:8.1e}{flag}"
                 )
-    lines.append("\ntargets")
-    for t in result["targets"]:
-        note = f"  ({t['note']})" if t["note"] else ""
-        lines.append(
-            f"  {t['status']:<4} {t['figure']}: {t['metric']} = {t['value']:.2f} "
-            f"(target {t['op']} {t['target']}){note}"
-        )
+    lines += format_targets(result["targets"])
     if "elapsed_s" in result:
         lines.append(f"\nelapsed {result['elapsed_s']:.1f} s")
     return "\n".join(lines)

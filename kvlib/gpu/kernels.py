@@ -68,6 +68,15 @@ def _check_devices(**tensors: torch.Tensor) -> torch.device:
     return next(iter(devices.values()))
 
 
+def available() -> bool:
+    """Whether the kernels can run here: torch sees a CUDA GPU and CuPy is installed and works."""
+    try:
+        import cupy
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and cupy.is_available()
+
+
 def _cupy():
     try:
         import cupy
