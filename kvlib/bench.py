@@ -51,7 +51,6 @@ SCHEMA = "kvlib.bench/1"
 DEFAULT_OUT = Path("_build") / "bench" / "bench.json"
 SECTIONS = ("generation", "hf", "paged", "bandwidth", "memory", "pretrained")
 PAGED_BLOCK_SIZES = (16, 128)  # kvlib's default block, and a large one (fewer, longer visits)
-PAGED_METHODS = ("paged_gather", "paged_blocks", "paged_blocks_grouped", "paged_fused")
 PAGED_TARGET = "paged_fused"  # the path the <= 1.3x target is for: reads blocks in place (CPU)
 GROUPED_TOKENS = 512  # "blocks" with blocks_per_step: visit this many tokens' blocks per step
 

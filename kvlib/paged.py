@@ -432,8 +432,11 @@ class PagedKVCache(CacheBase):
                 f"q {tuple(q.shape)} does not fit this cache: expected B={self.batch_size}, "
                 f"D={self.head_dim} and H a multiple of K={self.n_kv_heads}"
             )
-        if k.shape[2] != 1:
-            raise KVCacheError(f"attend takes one new token per row, got T={k.shape[2]}")
+        if not isinstance(k, torch.Tensor) or k.ndim != 4 or k.shape[2] != 1:
+            raise KVCacheError(
+                "attend takes one new token per row, k of shape (B, K, 1, D); got "
+                f"{tuple(getattr(k, 'shape', ()))}"
+            )
         self._write(layer, k, v)
         lens = [self._seqs[i].lens[layer] for i in self._active]
         if min(lens) < 1:

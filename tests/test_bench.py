@@ -50,7 +50,15 @@ def test_hf_comparison_checks_identical_tokens():
 
 
 def test_paged_paths_agree_with_contiguous_attention():
-    out = bench.bench_paged(CPU, S=37, B=2, H=4, K=2, D=8, block_size=4, reps=1)
+    before = torch.get_num_threads()
+    out = bench.bench_paged(CPU, S=37, B=2, H=4, K=2, D=8, block_size=4, reps=1, threads=1)
+    assert torch.get_num_threads() == before and out["threads"] == 1
+    assert set(out["ratio"]) == {
+        "paged_gather",
+        "paged_blocks",
+        "paged_blocks_grouped",
+        "paged_fused",
+    }
     for name, diff in out["max_abs_diff"].items():
         assert diff < 1e-5, f"{name} differs from contiguous attention by {diff:.3g}"
         assert _positive(out["ratio"][name])
