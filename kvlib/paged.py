@@ -634,18 +634,21 @@ def _check_paged_args(
             f"seq_lens must be an integer ({B},) tensor, got {tuple(seq_lens.shape)} "
             f"{seq_lens.dtype}"
         )
-    if bool((seq_lens < T).any()):
+    lo, hi = seq_lens.aminmax()
+    if lo.item() < T:
         raise ValueError(
             f"every sequence must hold its {T} query tokens, got seq_lens={seq_lens.tolist()}"
         )
     P, M = pool.block_size, block_tables.shape[1]
-    if bool((seq_lens > M * P).any()):
+    if hi.item() > M * P:
         raise ValueError(
             f"seq_lens {seq_lens.tolist()} exceed the {M} blocks x {P} slots of block_tables"
         )
-    needed = torch.arange(M, device=block_tables.device)[None, :] * P < seq_lens[:, None]
-    ids = block_tables[needed]
-    if bool(((ids < 0) | (ids >= pool.num_blocks)).any()):
+    n_blocks = -(-hi.item() // P)  # columns of the table that hold tokens
+    needed = torch.arange(n_blocks, device=block_tables.device)[None, :] * P < seq_lens[:, None]
+    ids = block_tables[:, :n_blocks]  # (B, n_blocks)
+    outside = (ids < 0) | (ids >= pool.num_blocks)
+    if bool((outside & needed).any()):
         raise IndexError(
             f"block_tables name blocks outside [0, {pool.num_blocks}) where tokens are expected"
         )
@@ -730,13 +733,13 @@ def paged_attention(
     G = H // K
     P = pool.block_size
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    dev = q.device
-    q_pos = seq_lens[:, None] - T + torch.arange(T, device=dev)[None, :]  # (B, T)
-
     if method == "fused":
         return paged_attention_fused(
             q, pool.k_pool[layer], pool.v_pool[layer], block_tables, seq_lens, scale
         )
+    dev = q.device
+    q_pos = seq_lens[:, None] - T + torch.arange(T, device=dev)[None, :]  # (B, T)
+
     if method == "gather":
         k, v, valid = gather_kv(pool, block_tables, seq_lens, layer)  # (B, K, S, D), (B, S)
         S = k.shape[2]
