@@ -42,7 +42,7 @@ import torch
 from kvlib.attention import _acc_dtype, _check_mask, _check_qkv
 from kvlib.cache import CacheFullError, KVCacheError
 from kvlib.config import check_int
-from kvlib.transformer import Transformer, left_padding
+from kvlib.transformer import Transformer, check_tokens, left_padding
 
 # ---- online-softmax attention ------------------------------------------------------------------
 
@@ -157,19 +157,9 @@ def chunked_prefill(
     """
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
-    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-        raise TypeError(
-            "tokens must be a torch.Tensor of int64 token ids, got "
-            f"{getattr(tokens, 'dtype', type(tokens).__name__)}"
-        )
-    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(f"tokens must have a non-empty shape (B, T), got {tuple(tokens.shape)}")
+    check_tokens(tokens, model.config.vocab_size)
     check_int("chunk_size", chunk_size)
     B, T = tokens.shape
-    V = model.config.vocab_size
-    lo, hi = int(tokens.min()), int(tokens.max())
-    if lo < 0 or hi >= V:
-        raise ValueError(f"token ids must be in [0, {V}), got values in [{lo}, {hi}]")
     if getattr(cache, "batch_size", B) != B:
         raise KVCacheError(f"cache holds {cache.batch_size} rows, tokens have B={B}")
     S0 = cache.seq_len

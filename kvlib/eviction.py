@@ -56,7 +56,7 @@ import torch
 from kvlib.attention import causal_mask
 from kvlib.cache import CacheBase, CacheFullError, KVCacheError
 from kvlib.config import ModelConfig, check_int
-from kvlib.transformer import Transformer, apply_rope, rope_tables
+from kvlib.transformer import Transformer, apply_rope, check_tokens, rope_tables
 
 Positions = Literal["cache", "original"]
 POSITIONS = ("cache", "original")
@@ -520,13 +520,11 @@ def stream_logits(
     forward pass; after that one token per step, each preceded by `cache.make_room(1)`.
     Positions come from `cache.next_positions`, so both position modes work.
     """
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
     if not isinstance(cache, EvictionCache):
         raise TypeError(f"cache must be a kvlib.eviction cache, got {type(cache).__name__}")
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype != torch.long:
-        raise ValueError(
-            f"tokens must be a (B, N) int64 tensor, got "
-            f"{getattr(tokens, 'shape', type(tokens).__name__)}"
-        )
+    check_tokens(tokens, model.config.vocab_size)  # (B, N): the whole stream
     B, N = tokens.shape
     first = max(1, min(N, cache.budget - cache.seq_len)) if prefill is None else prefill
     check_int("prefill", first, 1)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvlib.cache import CacheFullError, KVCache
-from kvlib.transformer import Transformer, left_padding
+from kvlib.transformer import Transformer, check_tokens, left_padding
 
 # ---- batching helpers --------------------------------------------------------------------------
 
@@ -89,17 +89,7 @@ def next_token(
 def _check_args(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, seed):
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
-    if not isinstance(prompt, torch.Tensor) or prompt.dtype not in (torch.int64, torch.int32):
-        raise TypeError(
-            "prompt must be a torch.Tensor of int64 token ids, got "
-            f"{getattr(prompt, 'dtype', type(prompt).__name__)}"
-        )
-    if prompt.ndim != 2:
-        raise ValueError(
-            f"prompt must have shape (B, T), got {tuple(prompt.shape)} (use prompt[None])"
-        )
-    if prompt.shape[0] == 0 or prompt.shape[1] == 0:
-        raise ValueError(f"empty prompt: shape {tuple(prompt.shape)}")
+    check_tokens(prompt, model.config.vocab_size, "prompt")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
         raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
     if max_new_tokens < 1:

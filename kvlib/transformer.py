@@ -192,6 +192,31 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+# ---- inputs ------------------------------------------------------------------------------------
+
+
+def check_tokens(tokens: torch.Tensor, vocab_size: int, name: str = "tokens") -> None:
+    """Raise unless `tokens` is a non-empty (B, T) int64/int32 tensor of ids in [0, vocab_size).
+
+    The one token check of kvlib: the model, `generate` (name="prompt"), chunked prefill and
+    streaming all call it, so misuse reads the same everywhere.
+    """
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 token ids, got {tokens.dtype}")
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"{name} must have shape (B, T), got {tuple(tokens.shape)} "
+            f"(add a batch axis with {name}[None])"
+        )
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"empty input: {name} has shape {tuple(tokens.shape)}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
+
+
 # ---- padding and positions ---------------------------------------------------------------------
 
 
@@ -292,21 +317,7 @@ class Transformer(nn.Module):
 
     # ---- checks (all before the cache is touched) -------------------------------------------
     def _check_tokens(self, tokens: torch.Tensor) -> None:
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"tokens must be int64 token ids, got {tokens.dtype}")
-        if tokens.ndim != 2:
-            raise ValueError(
-                f"tokens must have shape (B, T), got {tuple(tokens.shape)} "
-                "(add a batch axis with tokens[None])"
-            )
-        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
-            raise ValueError(f"empty input: tokens has shape {tuple(tokens.shape)}")
-        V = self.config.vocab_size
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= V:
-            raise ValueError(f"token ids must be in [0, {V}), got values in [{lo}, {hi}]")
+        check_tokens(tokens, self.config.vocab_size)
 
     def _check_cache(self, cache, B: int, T: int) -> int:
         """Validate the cache against the config and the new tokens; return its seq_len."""

@@ -392,8 +392,10 @@ def test_stream_and_watch_misuse():
     model = model_for()
     with pytest.raises(TypeError, match="kvlib.eviction cache"):
         stream_logits(model, stream(), KVCache.from_config(CONFIG, 2, dtype=F64))
-    with pytest.raises(ValueError, match=r"tokens must be a \(B, N\) int64 tensor"):
+    with pytest.raises(ValueError, match=r"tokens must have shape \(B, T\)"):
         stream_logits(model, stream()[0], make("window", 8))
+    with pytest.raises(TypeError, match="model must be a kvlib Transformer, got Linear"):
+        stream_logits(torch.nn.Linear(2, 2), stream(), make("window", 8))
     with pytest.raises(ValueError, match="prefill=50 is longer than the stream of 40"):
         stream_logits(model, stream(), make("window", 64), prefill=50)
     with pytest.raises(TypeError, match="kvlib Transformer"):

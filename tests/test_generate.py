@@ -192,7 +192,7 @@ def test_bad_arguments_raise(model, kwargs, error, match):
 
 
 def test_empty_prompt_raises(model):
-    with pytest.raises(ValueError, match="empty prompt"):
+    with pytest.raises(ValueError, match="empty input: prompt has shape"):
         generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
 
 

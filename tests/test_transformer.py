@@ -329,3 +329,17 @@ def test_explicit_position_ids_override_and_matter(model):
 def test_bad_position_ids_raise(model, pos, match):
     with pytest.raises(ValueError, match=match):
         model(tokens(1, 6), position_ids=pos)
+
+
+def test_check_tokens_names_the_argument():
+    from kvlib.transformer import check_tokens
+
+    with pytest.raises(TypeError, match="prompt must be a torch.Tensor of token ids, got list"):
+        check_tokens([[1, 2]], 64, "prompt")
+    with pytest.raises(TypeError, match="prompt must be int64 token ids, got torch.float32"):
+        check_tokens(torch.zeros(1, 2), 64, "prompt")
+    with pytest.raises(ValueError, match=r"add a batch axis with prompt\[None\]"):
+        check_tokens(torch.zeros(3, dtype=torch.long), 64, "prompt")
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 8\), got values in \[0, 9\]"):
+        check_tokens(torch.tensor([[0, 9]]), 8)
+    check_tokens(torch.tensor([[0, 7]], dtype=torch.int32), 8)  # valid: no error
