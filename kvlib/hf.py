@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import torch
 
 from kvlib.config import ModelConfig
-from kvlib.transformer import Transformer
+from kvlib.transformer import Transformer, check_state_dict
 
 
 class WeightLoadError(ValueError):
@@ -104,23 +104,7 @@ def convert_state_dict(
                 unexpected.append(name)
         else:
             unexpected.append(name)
-    with torch.device("meta"):  # shapes only, no memory
-        reference = Transformer(config).state_dict()
-    if config.tie_embeddings:
-        reference.pop("output.weight")
-    missing = sorted(set(reference) - set(out))
-    if unexpected or missing:
-        raise WeightLoadError(
-            f"state dict does not match a {config.n_layers}-layer Llama: "
-            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-            f"missing kvlib weights {missing[:5]}{'...' if len(missing) > 5 else ''}"
-        )
-    for name, tensor in out.items():
-        if tuple(tensor.shape) != tuple(reference[name].shape):
-            raise WeightLoadError(
-                f"{name}: expected shape {tuple(reference[name].shape)} for this config, "
-                f"got {tuple(tensor.shape)}"
-            )
+    check_state_dict(out, config, source="state dict", unexpected=unexpected, error=WeightLoadError)
     return out
 
 

@@ -44,7 +44,7 @@ from kvlib.data import (
     split_corpus,
     unigram_loss,
 )
-from kvlib.transformer import Transformer
+from kvlib.transformer import Transformer, check_state_dict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -148,21 +148,9 @@ def save_model(model: Transformer, out: Path) -> None:
 def load_weights(model: Transformer, path: Path) -> None:
     """Load float16 safetensors into `model` (any dtype/device), strictly."""
     state = load_file(str(path))
-    ref = model.state_dict()
+    check_state_dict(state, model.config, source=str(path))  # tied weights are stored once
     if model.config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    missing, unexpected = set(ref) - set(state), set(state) - set(ref)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match the model: missing {sorted(missing)}, "
-            f"unexpected {sorted(unexpected)}"
-        )
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(ref[name].shape):
-            raise ValueError(
-                f"{path}: {name} has shape {tuple(tensor.shape)}, the config needs "
-                f"{tuple(ref[name].shape)}"
-            )
     model.load_state_dict({k: v.to(model.dtype) for k, v in state.items()}, strict=True)
 
 

@@ -217,6 +217,43 @@ def check_tokens(tokens: torch.Tensor, vocab_size: int, name: str = "tokens") ->
         raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
 
 
+def check_state_dict(
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    *,
+    source: str = "state dict",
+    unexpected: list[str] | tuple[str, ...] = (),
+    error: type[Exception] = ValueError,
+) -> None:
+    """Raise `error` unless `state` holds exactly the weights of `Transformer(config)`, each of
+    the right shape (output.weight left out when the embeddings are tied).
+
+    `unexpected`: names the caller already knows it could not place (reported with the rest).
+    The loaders of Hugging Face weights (`kvlib.hf`) and of saved weights (`kvlib.train`) use it.
+    """
+
+    def some(names: list[str]) -> str:
+        return f"{names[:5]}{'...' if len(names) > 5 else ''}"
+
+    with torch.device("meta"):  # shapes only, no memory
+        reference = Transformer(config).state_dict()
+    if config.tie_embeddings:
+        reference.pop("output.weight")
+    missing = sorted(set(reference) - set(state))
+    unexpected = sorted(set(unexpected) | (set(state) - set(reference)))
+    if missing or unexpected:
+        raise error(
+            f"{source} does not match a {config.n_layers}-layer kvlib Transformer: "
+            f"unexpected keys {some(unexpected)}, missing kvlib weights {some(missing)}"
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(reference[name].shape):
+            raise error(
+                f"{source}: {name}: expected shape {tuple(reference[name].shape)} for this "
+                f"config, got {tuple(tensor.shape)}"
+            )
+
+
 # ---- padding and positions ---------------------------------------------------------------------
 
 

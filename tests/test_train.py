@@ -142,8 +142,14 @@ def test_save_load_weights_round_trip(tmp_path):
 
 def test_load_weights_wrong_shape(tmp_path):
     save_model(Transformer(tiny()), tmp_path)
-    with pytest.raises(ValueError, match="has shape .* the config needs"):
+    with pytest.raises(ValueError, match="expected shape .* for this config, got"):
         load_weights(Transformer(tiny(dim=48, n_heads=4)), tmp_path / WEIGHTS_FILE)
+
+
+def test_load_weights_wrong_layer_count(tmp_path):
+    save_model(Transformer(tiny(n_layers=3)), tmp_path)
+    with pytest.raises(ValueError, match=r"unexpected keys \['layers.2.attn.wk.weight'"):
+        load_weights(Transformer(tiny()), tmp_path / WEIGHTS_FILE)
 
 
 def test_train_rejects_zero_steps(tmp_path):
