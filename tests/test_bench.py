@@ -246,3 +246,11 @@ def test_paged_blocks_per_step_must_be_positive():
     pool, tables, lens = bench._paged_copy(k, v, block_size=4, seed=0)
     with pytest.raises(ValueError, match=r"blocks_per_step must be an int >= 1, got 0"):
         paged_attention(q, pool, tables, lens, 0, blocks_per_step=0)
+
+
+def test_copy_bandwidth_is_a_plausible_rate():
+    out = bench.copy_bandwidth("cpu", 2**22, reps=2)
+    assert out["nbytes"] == 2**22 and math.isfinite(out["bytes_per_s"])
+    assert 1e8 < out["bytes_per_s"] < 1e13, out["bytes_per_s"]
+    with pytest.raises(ValueError, match="nbytes must be an int >= 4"):
+        bench.copy_bandwidth("cpu", 2)

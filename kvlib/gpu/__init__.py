@@ -1,6 +1,7 @@
 """GPU kernels for the KV cache, and the checks that run without a GPU.
 
-    roofline   arithmetic intensity, ridge points, attainable FLOP/s, measured bandwidth
+    roofline   arithmetic intensity, ridge points, attainable FLOP/s (the live copy bandwidth
+               is measured by kvlib.bench.copy_bandwidth)
     nvrtc      compile kvlib/kernels/*.cu to PTX with NVRTC, assemble with ptxas (no GPU)
     emulate    NumPy emulation of the kernels' tiling, matched against kvlib's references
     kernels    CuPy RawModule wrappers: fp16 GEMM (naive, tiled, WMMA) and paged decode

@@ -19,8 +19,6 @@ hundreds, so generating a token is memory bound: its speed is set by how fast th
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from kvlib.config import ModelConfig, check_int, dtype_bytes
@@ -99,35 +97,3 @@ def tile_utilization(G: int, T: int = 1, tile_rows: int = 16) -> float:
         check_int(name, v)
     rows = G * T
     return rows / (-(-rows // tile_rows) * tile_rows)
-
-
-def measure_bandwidth(
-    nbytes: int = 2**26, device: torch.device | str = "cpu", repeats: int = 5
-) -> float:
-    """Memory bandwidth (bytes/s) of this machine: best of `repeats` copies of an nbytes tensor.
-
-    A copy reads nbytes and writes nbytes, so it moves 2 * nbytes. On CUDA the timing uses
-    events after a warm-up copy. The result varies from run to run (and with other load).
-    """
-    check_int("nbytes", nbytes)
-    check_int("repeats", repeats)
-    device = torch.device(device)
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    moved = 2 * src.numel() * src.element_size()
-    dst.copy_(src)  # warm-up: page faults, caches
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            stop.record()
-            stop.synchronize()
-            seconds = start.elapsed_time(stop) / 1e3
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            seconds = time.perf_counter() - t0
-        best = min(best, seconds)
-    return moved / best
