@@ -438,18 +438,19 @@ class PagedKVCache(CacheBase):
                 f"{tuple(getattr(k, 'shape', ()))}"
             )
         self._write(layer, k, v)
-        lens = [self._seqs[i].lens[layer] for i in self._active]
-        if min(lens) < 1:
-            raise KVCacheError(f"every row needs a token to attend to, got lengths {lens}")
+        lens = [self._seqs[i].lens[layer] for i in self._active]  # 0: a row of padding so far
         seq_lens = torch.tensor(lens, dtype=torch.long)  # (B,)
+        pool, tables, scale = self.allocator, self._active_tables(), 1.0 / math.sqrt(D)
+        return paged_attention_fused(
+            q, pool.k_pool[layer], pool.v_pool[layer], tables, seq_lens, scale
+        )  # (B, H, 1, D)
+
+    def _active_tables(self) -> torch.Tensor:
+        """`block_tables()`, rebuilt only when a table or the active batch changed."""
         key = self._active_tables_key()
         if self._tables_cache is None or self._tables_cache[0] != key:
             self._tables_cache = (key, self.block_tables())  # the same for every layer of a step
-        scale = 1.0 / math.sqrt(D)
-        pool = self.allocator
-        return paged_attention_fused(
-            q, pool.k_pool[layer], pool.v_pool[layer], self._tables_cache[1], seq_lens, scale
-        )  # (B, H, 1, D)
+        return self._tables_cache[1]
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, K, T, D) of the active rows in their blocks (the first half of update)."""
@@ -514,7 +515,7 @@ class PagedKVCache(CacheBase):
         key = (S, self._active_tables_key())
         if self._index_cache is None or self._index_cache[0] != key:
             P = self.block_size
-            tables = self.block_tables().clamp(min=0)  # (B, M)
+            tables = self._active_tables().clamp(min=0)  # (B, M)
             slots = torch.arange(S, device=self.device)  # (S,)
             r = slots[None, :] - self._start[:, None]  # (B, S) token index in its sequence
             valid = r >= 0  # (B, S)

@@ -82,6 +82,9 @@ def _paged_decode(q, k_pool, v_pool, block_tables, seq_lens, scale, out):  # pra
         b = bh // K
         h = bh % K
         S = seq_lens[b]
+        if S == 0:  # a row with no tokens yet (only padding): nothing to attend to, zeros out
+            out[b, h] = 0.0
+            continue
         n_blocks = (S + P - 1) // P
         qr = np.empty((R, D), dtype=np.float32)  # the group's queries, pre-scaled
         for r in range(R):
@@ -143,6 +146,7 @@ def paged_attention_fused(
 
     The caller (`kvlib.paged.paged_attention`) validates shapes and block ids; this checks what
     only the compiled loop needs: float32 tensors on the CPU. Runs on as many threads as torch.
+    A row with seq_lens[b] == 0 gets zeros, as `kvlib.attention` gives a query that sees nothing.
     """
     for name, x in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
         if x.device.type != "cpu":

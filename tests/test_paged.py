@@ -629,6 +629,19 @@ def test_attend_matches_update_then_attention():
     assert a.lengths.tolist() == b.lengths.tolist() == [6, 10, 3]
 
 
+def test_attend_on_a_row_of_padding_gives_zeros_like_attention():
+    a = PagedKVCache(pool(num_blocks=8, block_size=2), batch_size=2)
+    b = PagedKVCache(pool(num_blocks=8, block_size=2), batch_size=2)
+    for cache in (a, b):
+        cache.set_left_padding(torch.tensor([1, 0]))  # row 0's first slot is padding
+    q, (k, v) = torch.randn(2, 4, 1, D), kv(2, 1)
+    got = a.attend(0, q, k, v)
+    k_all, v_all = b.update(0, k, v)
+    want = attention(q, k_all, v_all, b.valid_mask(1)[:, None, None, :])
+    assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(want[0], got[0])
+    assert (got[1] - want[1]).abs().max().item() < 1e-6
+
+
 def test_model_decodes_through_attend_and_matches_kvcache(model, monkeypatch):
     calls = []
     real = PagedKVCache.attend
