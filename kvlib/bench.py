@@ -92,19 +92,27 @@ def time_call(fn: Callable[[], object], device: torch.device | str) -> float:
     return time.perf_counter() - t0
 
 
+def check_reps(reps: object) -> int:
+    """reps, checked: BenchError unless it is an int >= 1."""
+    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
+        raise BenchError(f"reps must be an int >= 1, got {reps!r}")
+    return reps
+
+
 def interleaved(
     fns: dict[str, Callable[[], object]],
     reps: int,
     device: torch.device | str,
     warmup: int = 1,
+    timer: Callable[[Callable[[], object], torch.device | str], float] = time_call,
 ) -> dict[str, list[float]]:
     """Time each contender `reps` times, taking turns (order rotated each round).
 
     Returns name -> list of seconds. Interleaving spreads slow phases of a busy machine over
-    every contender instead of penalizing whichever ran during them.
+    every contender instead of penalizing whichever ran during them. timer(fn, device) times
+    one call (default `time_call`; the GPU bench passes CUDA events).
     """
-    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
-        raise BenchError(f"reps must be an int >= 1, got {reps!r}")
+    check_reps(reps)
     if not fns:
         raise BenchError("interleaved needs at least one contender")
     names = list(fns)
@@ -115,7 +123,7 @@ def interleaved(
     for r in range(reps):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            times[name].append(time_call(fns[name], device))
+            times[name].append(timer(fns[name], device))
     return times
 
 

@@ -254,3 +254,11 @@ def test_copy_bandwidth_is_a_plausible_rate():
     assert 1e8 < out["bytes_per_s"] < 1e13, out["bytes_per_s"]
     with pytest.raises(ValueError, match="nbytes must be an int >= 4"):
         bench.copy_bandwidth("cpu", 2)
+
+
+def test_interleaved_uses_the_given_timer_in_rotated_order():
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    times = bench.interleaved(fns, reps=3, device=CPU, warmup=0, timer=lambda fn, dev: fn() or 0.5)
+    assert times == {n: [0.5] * 3 for n in "abc"}
+    assert calls == list("abc" + "bca" + "cab")

@@ -140,14 +140,6 @@ def test_match_gpu_checks_types_and_cuda_versions_read_right():
     assert gb.flush_bytes(40 * MiB) == 80 * MiB and gb.flush_bytes(0) == 256 * MiB
 
 
-def test_rounds_rotate_like_the_cpu_bench():
-    calls = []
-    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
-    bench.interleaved(fns, reps=4, device=CPU, warmup=0)
-    flat = [n for order in gb.rounds("abc", 4) for n in order]
-    assert flat == calls, f"rounds {flat} vs kvlib.bench.interleaved {calls}"
-
-
 def test_attention_bytes_count_kv_q_and_out():
     B, H, K, S, D = 4, 32, 8, 1024, 128
     want = 2 * B * K * S * D * 2 + 2 * B * H * D * 2  # K and V read, q read, out written (fp16)

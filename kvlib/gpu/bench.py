@@ -59,12 +59,21 @@ import math
 import platform
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
-from kvlib.bench import BenchError, _target, format_targets, machine_info, median, versions
+from kvlib.bench import (
+    BenchError,
+    _target,
+    check_reps,
+    format_targets,
+    interleaved,
+    machine_info,
+    median,
+    versions,
+)
 from kvlib.config import check_int
 from kvlib.gpu import kernels as gk
 from kvlib.gpu.roofline import decode_attention_bytes
@@ -185,19 +194,6 @@ def flush_bytes(l2_bytes: int) -> int:
 # ---- timing ------------------------------------------------------------------------------------
 
 
-def rounds(names: Sequence[str], reps: int) -> Iterator[list[str]]:
-    """The order of each round: names rotated by one each time (as `kvlib.bench.interleaved`)."""
-    names = list(names)
-    for r in range(reps):
-        yield names[r % len(names) :] + names[: r % len(names)]
-
-
-def _check_reps(reps: object) -> int:
-    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
-        raise BenchError(f"reps must be an int >= 1, got {reps!r}")
-    return reps
-
-
 def _cuda_device(device: torch.device | str) -> torch.device:
     dev = torch.device(device)
     if dev.type != "cuda":
@@ -207,22 +203,34 @@ def _cuda_device(device: torch.device | str) -> torch.device:
     return dev
 
 
-def _before_each_call(device: torch.device, flush: bool) -> Callable[[], None]:
-    """Untimed work before each timed call: overwrite 2x L2, then spin the GPU ~SPIN_S."""
+def cuda_timer(device: torch.device, flush: bool = True) -> Callable[..., float]:
+    """A `kvlib.bench.interleaved` timer: seconds of one call by CUDA events on torch's stream.
+
+    Before each call, untimed: overwrite 2x L2 (flush=True), then spin the GPU ~SPIN_S so the
+    host's launch work overlaps GPU work instead of showing up as idle time in the interval.
+    """
     props = torch.cuda.get_device_properties(device)
     buffer = torch.empty(
         flush_bytes(_l2_bytes(props)) if flush else 0, dtype=torch.uint8, device=device
     )
     cycles = int(getattr(props, "clock_rate", 0) * 1e3 * SPIN_S) or 100_000  # clock_rate: kHz
     spin = getattr(torch.cuda, "_sleep", None)
+    stream = torch.cuda.current_stream(device)
 
-    def prepare() -> None:
+    def timed(fn: Callable[[], object], _device: object = None) -> float:
         if flush:
             buffer.zero_()
         if spin is not None:
             spin(cycles)
+        start = torch.cuda.Event(enable_timing=True)
+        stop = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        fn()
+        stop.record(stream)
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3
 
-    return prepare
+    return timed
 
 
 def time_cuda(
@@ -231,35 +239,17 @@ def time_cuda(
     device: torch.device | str,
     flush: bool = True,
 ) -> dict[str, list[float]]:
-    """Seconds of each call of each contender, timed by CUDA events, interleaved.
+    """Seconds of each call of each contender: `kvlib.bench.interleaved` with `cuda_timer`.
 
-    One warm-up call each, then `reps` rounds in rotated order (`rounds`); before each timed
-    call, untimed, L2 is flushed (flush=True) and the GPU spins briefly. Returns name -> list
-    of seconds in the order they were measured.
+    One warm-up call each, then `reps` rounds in rotated order; L2 flushed before each timed
+    call (flush=True). Returns name -> list of seconds in the order they were measured.
     """
-    reps = _check_reps(reps)
+    check_reps(reps)  # before anything touches a GPU
     if not fns:
         raise BenchError("time_cuda needs at least one contender")
     dev = _cuda_device(device)
-    names = list(fns)
     with torch.cuda.device(dev):
-        stream = torch.cuda.current_stream(dev)
-        prepare = _before_each_call(dev, flush)
-        for name in names:
-            fns[name]()
-        torch.cuda.synchronize(dev)
-        events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {n: [] for n in names}
-        for order in rounds(names, reps):
-            for name in order:
-                prepare()
-                start = torch.cuda.Event(enable_timing=True)
-                stop = torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                fns[name]()
-                stop.record(stream)
-                events[name].append((start, stop))
-        torch.cuda.synchronize(dev)
-    return {n: [s.elapsed_time(e) / 1e3 for s, e in pairs] for n, pairs in events.items()}
+        return interleaved(fns, reps, dev, timer=cuda_timer(dev, flush))
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int | None = None, reps: int = 10) -> dict:
@@ -614,7 +604,7 @@ def bench_decode_attention(
             f"methods must be a non-empty subset of {gk.ATTENTION_METHODS}, got {methods}"
         )
     splits = _splits_list(splits)
-    reps = _check_reps(reps)
+    reps = check_reps(reps)
     dev = _cuda_device(device)
     copy = copy_bandwidth(dev, reps=reps) if copy is None else copy
     sm_count = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -730,7 +720,7 @@ def run_gpu(
     """
     dev = require_gpu()
     plan = _plan(quick)
-    reps = _check_reps(plan["reps"] if reps is None else reps)
+    reps = check_reps(plan["reps"] if reps is None else reps)
     gemm_methods = list(gemm_methods)
     attention_methods = list(gk.ATTENTION_METHODS)
     if torch.cuda.get_device_capability(dev) < gk.MIN_TENSOR_CORE_CC:  # no WMMA before sm_75
