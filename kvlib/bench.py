@@ -49,6 +49,7 @@ from kvlib.transformer import Transformer
 
 SCHEMA = "kvlib.bench/1"
 DEFAULT_OUT = Path("_build") / "bench" / "bench.json"
+DEFAULT_GPU_OUT = DEFAULT_OUT.with_name("gpu.json")  # python -m kvlib.bench --gpu
 SECTIONS = ("generation", "hf", "paged", "bandwidth", "memory", "pretrained")
 PAGED_BLOCK_SIZES = (16, 128)  # kvlib's default block, and a large one (fewer, longer visits)
 PAGED_TARGET = "paged_fused"  # the path the paged target is for: reads blocks in place (CPU)
@@ -993,44 +994,40 @@ def main(argv: list[str] | None = None) -> dict:
         "--sections", nargs="+", choices=SECTIONS, default=None, help="run only these sections"
     )
     parser.add_argument(
-        "--out", default=str(DEFAULT_OUT), help=f"JSON path (default {DEFAULT_OUT})"
+        "--out",
+        default=None,
+        help=f"JSON path (default {DEFAULT_OUT}; {DEFAULT_GPU_OUT} with --gpu)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--gpu",
-        action="store_true",
-        help="chapter 10's CUDA kernels instead (kvlib.gpu.bench; default --out "
-        "_build/bench/gpu.json)",
+        "--gpu", action="store_true", help="chapter 10's CUDA kernels instead (kvlib.gpu.bench)"
     )
     args = parser.parse_args(argv)
-    words = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m kvlib.bench", *(sys.argv[1:] if argv is None else argv)])
     if args.gpu:
         from kvlib.gpu import bench as gpu_bench
 
-        if args.sections is not None or args.threads is not None:
-            raise BenchError("--sections and --threads belong to the CPU bench, not to --gpu")
+        if args.sections is not None or args.threads is not None or args.device != "cpu":
+            raise BenchError(
+                "--sections, --threads and --device belong to the CPU bench, not to --gpu"
+            )
         result = gpu_bench.run_gpu(
-            quick=args.quick,
-            reps=args.reps,
-            quiet=args.quiet,
-            command=" ".join(["python -m kvlib.bench", *words]),
+            quick=args.quick, reps=args.reps, quiet=args.quiet, command=command
         )
-        print(gpu_bench.format_gpu(result))
-        out = gpu_bench.DEFAULT_OUT if args.out == str(DEFAULT_OUT) else args.out
-        print(f"wrote {write_json(result, out)}")
-        return result
-    result = run(
-        quick=args.quick,
-        device=args.device,
-        threads=args.threads,
-        sections=args.sections,
-        quiet=args.quiet,
-        reps=args.reps,
-        command=" ".join(["python -m kvlib.bench", *words]),
-    )
-    print(format_report(result))
-    path = write_json(result, args.out)
-    print(f"wrote {path}")
+        report, out = gpu_bench.format_gpu(result), args.out or DEFAULT_GPU_OUT
+    else:
+        result = run(
+            quick=args.quick,
+            device=args.device,
+            threads=args.threads,
+            sections=args.sections,
+            quiet=args.quiet,
+            reps=args.reps,
+            command=command,
+        )
+        report, out = format_report(result), args.out or DEFAULT_OUT
+    print(report)
+    print(f"wrote {write_json(result, out)}")
     return result
 
 

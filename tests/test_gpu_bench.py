@@ -50,8 +50,9 @@ def test_main_gpu_fails_with_the_message(monkeypatch, tmp_path):
     with pytest.raises(bench.BenchError, match="needs a CUDA GPU"):
         bench.main(["--gpu", "--quick", "--out", str(out)])
     assert not out.exists(), "no JSON may be written when nothing was measured"
-    with pytest.raises(bench.BenchError, match="--sections and --threads belong to the CPU"):
-        bench.main(["--gpu", "--threads", "2"])
+    for flag in (["--threads", "2"], ["--device", "cuda"], ["--sections", "paged"]):
+        with pytest.raises(bench.BenchError, match="--threads and --device belong to the CPU"):
+            bench.main(["--gpu", *flag])
 
 
 @pytest.mark.skipif(gk.available(), reason="checks the exit where no GPU is present")

@@ -80,7 +80,6 @@ from kvlib.gpu.roofline import decode_attention_bytes
 from kvlib.memory import GPUS
 
 SCHEMA = "kvlib.gpu.bench/1"
-DEFAULT_OUT = Path("_build") / "bench" / "gpu.json"
 RESULTS_DIR = Path(__file__).parent / "results"
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 QUICK_LENGTHS = (1024, 2048, 4096, 8192, 16384)
