@@ -5,19 +5,9 @@ import torch
 
 from kvlib.config import tiny
 from kvlib.generate import generate, left_pad
-from kvlib.transformer import Transformer
+from tests.models import CONFIGS, model_for
 
-CONFIGS = {
-    "MHA": tiny(n_kv_heads=4),
-    "GQA": tiny(),
-    "MQA": tiny(n_kv_heads=1, tie_embeddings=True),
-}
 LENGTHS = (3, 9, 1, 6)
-
-
-def model_for(config, seed=0, std=0.2):
-    torch.manual_seed(seed)
-    return Transformer(config, init_std=std).eval()
 
 
 def prompts(lengths=LENGTHS, seed=2):

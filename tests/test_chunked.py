@@ -17,7 +17,7 @@ from kvlib.chunked import (
 )
 from kvlib.config import tiny
 from kvlib.generate import generate, left_pad
-from kvlib.transformer import Transformer
+from tests.models import model_for as make_model
 
 F64 = torch.float64
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -31,9 +31,8 @@ def qkv(B=2, H=4, K=2, T=13, S=20, D=8, dtype=torch.float64, seed=0):
     return q, k, v
 
 
-def model_for(config, dtype=torch.float64, seed=0, std=0.2):
-    torch.manual_seed(seed)
-    return Transformer(config, init_std=std).to(dtype).eval()
+def model_for(config, dtype=torch.float64, **kw):
+    return make_model(config, dtype, **kw)  # fp64 unless a test asks for less
 
 
 def tokens(B=2, T=23, seed=1, V=64):

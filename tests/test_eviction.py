@@ -21,15 +21,15 @@ from kvlib.eviction import (
     stream_logits,
     watch_queries,
 )
-from kvlib.transformer import Transformer, apply_rope, rope_tables
+from kvlib.transformer import apply_rope, rope_tables
+from tests.models import model_for as make_model
 
 F64 = torch.float64
 CONFIG = tiny(max_seq_len=64)  # L=2, H=4, K=2, D=8, V=64
 
 
-def model_for(config=CONFIG, dtype=F64, seed=0, std=0.2):
-    torch.manual_seed(seed)
-    return Transformer(config, init_std=std).to(dtype).eval()
+def model_for(config=CONFIG, dtype=F64, **kw):
+    return make_model(config, dtype, **kw)
 
 
 def stream(B=2, N=40, seed=1, V=64):

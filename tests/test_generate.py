@@ -7,18 +7,7 @@ import torch
 from kvlib.cache import CacheFullError, ConcatKVCache, KVCache
 from kvlib.config import tiny
 from kvlib.generate import filter_logits, generate, next_token
-from kvlib.transformer import Transformer
-
-CONFIGS = {
-    "MHA": tiny(n_kv_heads=4),
-    "GQA": tiny(),
-    "MQA": tiny(n_kv_heads=1, tie_embeddings=True),
-}
-
-
-def model_for(config, seed=0, std=0.2):
-    torch.manual_seed(seed)
-    return Transformer(config, init_std=std).eval()
+from tests.models import CONFIGS, model_for
 
 
 def prompt(B=2, T=5, seed=1):

@@ -16,17 +16,7 @@ from kvlib.transformer import (
     position_ids,
     rope_tables,
 )
-
-CONFIGS = {
-    "MHA": tiny(n_kv_heads=4),
-    "GQA": tiny(),
-    "MQA": tiny(n_kv_heads=1, tie_embeddings=True),
-}
-
-
-def model_for(config, seed=0, std=0.2):
-    torch.manual_seed(seed)
-    return Transformer(config, init_std=std).eval()
+from tests.models import CONFIGS, model_for
 
 
 def tokens(B, T, seed=1, V=64):
