@@ -262,3 +262,8 @@ def test_interleaved_uses_the_given_timer_in_rotated_order():
     times = bench.interleaved(fns, reps=3, device=CPU, warmup=0, timer=lambda fn, dev: fn() or 0.5)
     assert times == {n: [0.5] * 3 for n in "abc"}
     assert calls == list("abc" + "bca" + "cab")
+
+
+def test_median_of_nothing_raises():
+    with pytest.raises(bench.BenchError, match="median of no timings"):
+        bench.median([])

@@ -311,3 +311,8 @@ def test_chunked_prefill_shrinks_the_measured_scores_by_the_chunk_ratio():
     assert small.largest_bytes * 8 == full.largest_bytes, f"{small} vs {full}"
     ratio = full.peak_bytes / small.peak_bytes
     assert 6 < ratio <= 8.5, f"peak {full.peak_bytes} vs {small.peak_bytes}: ratio {ratio:.2f}"
+
+
+def test_allocation_profile_needs_a_callable():
+    with pytest.raises(TypeError, match="fn must be a callable taking no arguments, got int"):
+        allocation_profile(3)

@@ -514,3 +514,11 @@ def test_launch_plan_misuse():
         gk.launch_plan("wmma", 1, 6, 4, 1, 64, 1)
     with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
         gk.launch_plan("cuda_core", 1, 8, 2, 1, 64, 0)
+
+
+def test_require_gpu_when_cupy_sees_no_gpu(monkeypatch):
+    cupy = pytest.importorskip("cupy")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cupy, "is_available", lambda: False)
+    with pytest.raises(bench.BenchError, match="CuPy is installed but finds no usable CUDA GPU"):
+        gb.require_gpu()

@@ -121,3 +121,11 @@ def test_misuse_raises():
     m = np.zeros((1, 1, 1, 2), np.float32)
     with pytest.raises(ValueError, match="partials disagree"):
         em.split_kv_reduce(m, m, np.zeros((1, 1, 1, 3, 4), np.float32))
+
+
+def test_inputs_must_be_arrays_of_the_right_rank():
+    inp = em.random_paged_inputs([5], H=2, K=1, D=16, block_size=4, seed=0)
+    with pytest.raises(ValueError, match=r"q must be 4-D, got shape \(1, 2, 16\)"):
+        em.paged_reference(**(inp | {"q": inp["q"][:, :, 0]}))
+    with pytest.raises(TypeError, match="q must be a NumPy array or torch tensor, got list"):
+        em.paged_reference(**(inp | {"q": [1.0]}))

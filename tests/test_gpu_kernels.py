@@ -138,3 +138,8 @@ def _assert_close(out, ref, what, atol=2e-3, rtol=2e-3):
 def test_available_agrees_with_torch_and_cupy(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gk.available() is False  # no CUDA device seen by torch: never available
+
+
+def test_wrong_dtype_says_how_to_convert():
+    with pytest.raises(TypeError, match=r"a must be torch.float16, got torch.float32 \(convert"):
+        gk.gemm(torch.zeros(4, 8), torch.zeros(8, 4, dtype=torch.float16))

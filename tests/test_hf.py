@@ -213,3 +213,12 @@ def test_model_config_roundtrip_for_plain_config():
     )
     back = config_from_hf(hf)
     assert back.replace(name="") == c.replace(name="")
+
+
+def test_non_llama_config_raises():
+    config = hf_llama().config
+    config.model_type = "mistral"
+    with pytest.raises(
+        ValueError, match="only Llama-architecture configs load, got model_type='mistral'"
+    ):
+        config_from_hf(config)

@@ -676,3 +676,9 @@ def test_attend_misuse_leaves_the_cache_unchanged():
     with pytest.raises(KVCacheError, match=r"one new token per row, k of shape \(B, K, 1, D\)"):
         cache.attend(0, torch.randn(1, 4, 1, D), *kv(1, 2))
     assert_unchanged(cache, before)
+
+
+def test_set_active_rejects_a_repeated_sequence():
+    cache = PagedKVCache(pool(), batch_size=2)
+    with pytest.raises(KVCacheError, match=r"sequence ids repeat in \[0, 0\]"):
+        cache.set_active([0, 0])

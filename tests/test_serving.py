@@ -113,3 +113,8 @@ def test_simulate_misuse(trace):
         simulate(Trace(np.array([10]), np.array([20])), "max", budget=100, max_len=20)
     with pytest.raises(RuntimeError, match="max_steps=3"):
         simulate(trace, "exact", max_steps=3)
+
+
+def test_simulate_stops_at_max_steps(trace):
+    with pytest.raises(RuntimeError, match="trace not served within max_steps=3"):
+        simulate(trace, "paged", max_steps=3)
