@@ -164,6 +164,8 @@ def test_budget_covering_the_stream_equals_the_full_cache_exactly(policy, positi
         cache = make(policy, budget, positions=positions)
         got = stream_logits(model, tokens, cache, prefill=prefill)
         diff = (got - full).abs().max().item()
+        # Exact on every CPU: with nothing evicted the cache returns the same slots in the same
+        # (B, K, S, D) shapes as the full cache, so the model runs the same ops on the same data.
         assert torch.equal(got, full), f"{policy} budget {budget}: max diff {diff:.3e}"
         assert cache.n_evicted == 0
 
@@ -175,6 +177,8 @@ def test_full_cache_equals_kvcache_and_the_uncached_model():
     kv = KVCache.from_config(CONFIG, 2, 30, dtype=F64)
     want = [model(tokens[:, :5], kv)] + [model(tokens[:, i : i + 1], kv) for i in range(5, 30)]
     want = torch.cat(want, dim=1).float()
+    # Exact on every CPU: FullCache hands the model the same (B, K, S, D) keys and values as
+    # KVCache, step by step, so both runs are the same ops on the same data.
     assert torch.equal(got, want), f"max diff {(got - want).abs().max().item():.3e}"
     ref = model(tokens).float()
     diff = (got - ref).abs().max().item()

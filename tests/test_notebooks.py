@@ -2,6 +2,7 @@
 exercises with checks and solution markers, and no copies of kvlib code."""
 
 import ast
+import configparser
 import inspect
 import json
 import pkgutil
@@ -11,7 +12,7 @@ import textwrap
 import pytest
 
 import kvlib
-from kvlib.notebook import BOOTSTRAP
+from kvlib.notebook import BOOTSTRAP, within
 from tests.toc import ROOT, notebooks, toc_files
 
 NOTEBOOKS = notebooks()
@@ -129,3 +130,54 @@ def test_notebooks_do_not_copy_kvlib_functions(path):
             if isinstance(node, ast.FunctionDef) and len(node.body) > 2:
                 dump = ast.dump(ast.Module(body=node.body[1:], type_ignores=[]))
                 assert dump not in bodies, f"{node.name} in {path.name} copies a kvlib function"
+
+
+def _sanitizers() -> list[tuple[re.Pattern, str]]:
+    """The (regex, replacement) pairs of tests/sanitize.cfg, as nbval applies them."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ROOT / "tests" / "sanitize.cfg")
+    return [(re.compile(parser[s]["regex"]), parser[s]["replace"]) for s in parser.sections()]
+
+
+def _sanitize(text: str) -> str:
+    for regex, replace in _sanitizers():
+        text = regex.sub(replace, text)
+    return text
+
+
+def test_round_off_mask_hides_only_passing_comparisons():
+    # Two machines' round-off digits read the same after sanitizing...
+    assert _sanitize(within(2.4e-7, 1e-5)) == _sanitize(within(0.0, 1e-5))
+    # ...but a comparison that failed its tolerance keeps its digits, and so fails nbval.
+    assert _sanitize(within(3.1e-3, 1e-5)) == "3.1e-03 (NOT < 1e-05)"
+    assert _sanitize(within(1e-5, 1e-5)) == "1.0e-05 (NOT < 1e-05)"
+    assert _sanitize(within(float("nan"), 1e-5)) == "nan (NOT < 1e-05)"
+    # A tolerance is never masked, and neither is a small number outside the convention.
+    assert _sanitize(within(2.4e-7, 1e-5)) != _sanitize(within(2.4e-7, 1e-4))
+    assert _sanitize("max diff 2.4e-07") == "max diff 2.4e-07"
+    for bad in (-1.0, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="tol"):
+            within(0.0, bad)
+    with pytest.raises(ValueError, match="negative"):
+        within(-1e-9, 1e-5)
+
+
+# Printed forms that carry round-off digits: a small number in scientific notation, or a float
+# printed with nine or more decimals. Either one reads differently on another CPU or BLAS.
+_ROUND_OFF_DIGITS = re.compile(r"\d\.\d+e-(0[5-9]|[1-9]\d)\b|\d\.\d{9,}")
+_WITHIN = re.compile(r"\S+ \((NOT )?< \de[+-]\d\d\)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_outputs_print_round_off_only_through_within(path):
+    for cell in _code(_load(path)):
+        if "nbval-ignore-output" in cell["metadata"].get("tags", []):
+            continue
+        for out in cell.get("outputs", []):
+            text = out.get("text") or out.get("data", {}).get("text/plain") or ""
+            text = _WITHIN.sub("", "".join(text))
+            m = _ROUND_OFF_DIGITS.search(text)
+            assert m is None, (
+                f"{path.name}: cell {_src(cell)[:60]!r} prints {m.group(0)!r}; print differences "
+                "that round-off can move through kvlib.notebook.within(diff, tol)"
+            )

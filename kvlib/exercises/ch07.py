@@ -13,6 +13,7 @@ from kvlib.chunked import (
 )
 from kvlib.config import ModelConfig
 from kvlib.exercises import correct, expect
+from kvlib.notebook import within
 from kvlib.transformer import Transformer
 
 
@@ -43,7 +44,7 @@ def check_merge(
     )
     diff = (out.double() - want_out.double()).abs().max().item()
     expect(diff < 1e-6, f"out differs from attention over all keys by up to {diff:.3g}")
-    correct(f"the two halves merge into full attention (max difference {diff:.1e})")
+    correct(f"the two halves merge into full attention: max difference {within(diff, 1e-6)}")
 
 
 def check_largest_allocation(answer: int, config: ModelConfig, n_tokens: int, chunk: int) -> None:
