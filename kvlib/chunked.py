@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlib.attention import _acc_dtype, _check_mask, _check_qkv
-from kvlib.cache import CacheFullError, KVCacheError
+from kvlib.cache import Cache, KVCacheError
 from kvlib.config import check_int
 from kvlib.transformer import Transformer, check_tokens, left_padding
 
@@ -152,46 +152,55 @@ def chunked_prefill(
     Returns the logits of the last token (B, 1, V), or of every token (B, T, V) with
     `all_logits`. `attention_mask` (B, T) of 0/1 declares left padding (empty cache only).
 
-    Everything is checked before the first chunk runs, so a failed call leaves the cache as
-    it was.
+    Everything is checked before the first chunk runs, and a chunk that fails rolls the cache
+    back to its state before the call, so a failed call leaves the cache as it was.
     """
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
     check_tokens(tokens, model.config.vocab_size)
     check_int("chunk_size", chunk_size)
     B, T = tokens.shape
-    if getattr(cache, "batch_size", B) != B:
+    if not isinstance(cache, Cache):
+        raise TypeError(
+            f"cache must be a kvlib cache (a kvlib.cache.Cache), got {type(cache).__name__}"
+        )
+    cache.check_config(model.config)
+    if cache.batch_size != B:
         raise KVCacheError(f"cache holds {cache.batch_size} rows, tokens have B={B}")
-    S0 = cache.seq_len
-    capacity = min(getattr(cache, "max_seq_len", None) or 2**62, model.config.max_seq_len)
-    if S0 + T > capacity:
-        raise CacheFullError(
-            f"the cache holds {S0} tokens and {T} more would make {S0 + T}, past the "
-            f"capacity of {capacity} (cache or config.max_seq_len)"
+    cache.check_room(T)
+    if cache.max_position(T) >= model.config.max_seq_len:
+        raise ValueError(
+            f"the cache holds {cache.seq_len} tokens and {T} more would reach position "
+            f"{cache.max_position(T)}, past config.max_seq_len={model.config.max_seq_len}"
         )
     n_pad = None
     if attention_mask is not None:
-        if tuple(attention_mask.shape) != (B, T):
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
             raise ValueError(
                 f"attention_mask must have the shape of tokens {(B, T)}, "
-                f"got {tuple(attention_mask.shape)}"
+                f"got {tuple(getattr(attention_mask, 'shape', ()))}"
             )
-        if S0 > 0:
+        if cache.seq_len > 0:
             raise KVCacheError(
                 f"attention_mask declares left padding and needs an empty cache; this one "
-                f"holds {S0} tokens"
+                f"holds {cache.seq_len} tokens"
             )
         n_pad = left_padding(attention_mask)  # (B,), validates the 0/1 pattern
 
     tokens = tokens.to(model.device)
-    if n_pad is not None:
-        cache.set_left_padding(n_pad.to(model.device))
     outputs = []
-    for start, end in chunk_bounds(T, chunk_size):
-        # padding already lives in the cache (start), so the chunks need no attention_mask
-        logits = model(tokens[:, start:end], cache, last_only=not all_logits)  # (B, t, V)
-        if all_logits or end == T:
-            outputs.append(logits)
+    state = cache.checkpoint()
+    try:
+        if n_pad is not None:
+            cache.set_left_padding(n_pad.to(cache.device))
+        for start, end in chunk_bounds(T, chunk_size):
+            # padding already lives in the cache (start), so the chunks need no attention_mask
+            logits = model(tokens[:, start:end], cache, last_only=not all_logits)  # (B, t, V)
+            if all_logits or end == T:
+                outputs.append(logits)
+    except BaseException:
+        cache.rollback(state)  # a chunk that fails undoes the chunks before it
+        raise
     return torch.cat(outputs, dim=1) if all_logits else outputs[-1]  # (B, T or 1, V)
 
 

@@ -6,13 +6,15 @@ slot; rotated_at[layer] (B, K, W) int64, the RoPE position its key was rotated a
 H2O's scores[layer] (B, K, W) fp32, the attention the token has received. Each kv head of each
 row may keep different tokens (H2O does), so bookkeeping is per (b, k).
 
-Every cache here implements the cache interface of `kvlib.cache` plus one step of its own:
+Every cache here implements the interface of `kvlib.cache.Cache`; eviction lives in its
+per-step hook:
 
-    make_room(T) -> n_evicted   before a forward pass of T new tokens, evict tokens (all
+    prepare(T) -> n_evicted     before a forward pass of T new tokens, evict tokens (all
                                 layers at once) so that seq_len + T <= budget
 
+so `kvlib.generate` and any loop over `model(tokens, cache)` drive these caches unchanged.
 Slots always hold tokens in stream order, the newest last. Policies differ only in which
-tokens `make_room` keeps:
+tokens `prepare` keeps:
 
     FullCache           never evicts (the reference); overflowing raises CacheFullError
     SlidingWindowCache  the last W tokens
@@ -22,56 +24,54 @@ tokens `make_room` keeps:
                         tokens + the W - n_recent older ones with the largest accumulated
                         attention
 
-Positions. `positions="cache"` (the default, as in StreamingLLM) numbers tokens by their slot:
-a key is rotated at read time to the slot it sits in now, and the queries of a step get the
-next slots (the Transformer's default positions, seq_len + t), so positions never exceed the
-budget and a stream can run forever. The Transformer rotates keys before it caches them, at
-the position p they were written at; a key that has moved to slot s is rotated once more by
-s - p (RoPE rotations compose: R(s) = R(s - p) R(p)), which equals storing it un-rotated and
-rotating it by s at read time. `positions="original"` keeps every token at its stream index:
-no re-rotation, and the queries must get their stream index too (`next_positions`, which
-`stream_logits` passes to the model). Positions then grow with the stream and stop at the
+Positions (the `next_positions` hook). `positions="cache"` (the default, as in StreamingLLM)
+numbers tokens by their slot: a key is rotated at read time to the slot it sits in now, and
+the queries of a step get the next slots, so positions never exceed the budget and a stream
+can run forever. The Transformer rotates keys before it caches them, at the position p they
+were written at; a key that has moved to slot s is rotated once more by s - p (RoPE rotations
+compose: R(s) = R(s - p) R(p)), which equals storing it un-rotated and rotating it by s at
+read time. `positions="original"` keeps every token at its stream index: no re-rotation, and
+the queries get their stream index too. Positions then grow with the stream and stop at the
 model's RoPE table (config.max_seq_len): this variant only runs within the context.
 
-H2O needs the attention weights, which the model's attention computes and throws away. Rather
-than widen the cache interface, an H2O cache is given the queries: `observe_queries(layer, q)`
-takes the rotated queries (B, H, T, D) of the coming update, and `update` then scores the
-T new queries against all S keys (softmax in fp32, causal mask bottom-right) and adds the
-weights, summed over the G query heads of each kv head and over the T queries, to each
-slot's score. The Transformer stays unchanged: `watch_queries(model, cache)` registers
-forward hooks on each layer's query projection that rotate its output and hand it to the
-cache (`stream_logits` does this). Recomputing q k^T costs one extra (B, H, T, S) score
-matrix per layer; nothing in the model's own attention changes.
+H2O needs the attention weights, which it computes itself: it overrides `attend`, the one
+call the model makes per layer, which receives the rotated queries (B, H, T, D). After storing
+the T new tokens it scores the T queries against all S keys (softmax in fp32, causal mask
+bottom-right) and adds the weights, summed over the G query heads of each kv head and over the
+T queries, to each slot's score. Recomputing q k^T costs one extra (B, H, T, S) score matrix
+per layer; the attention itself is the interface's default.
+
+Undo. Eviction builds the compacted buffers as new tensors and a step writes only past the
+slots it started with, so `checkpoint` keeps references to the buffers and `rollback` puts
+them back: a step that fails after evicting changes nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
+from abc import abstractmethod
 from typing import Literal
 
 import torch
 
-from kvlib.attention import causal_mask
-from kvlib.cache import CacheBase, CacheFullError, KVCacheError
+from kvlib.attention import _attention, causal_mask
+from kvlib.cache import Cache, CacheFullError, KVCacheError
 from kvlib.config import ModelConfig, check_int
-from kvlib.transformer import Transformer, apply_rope, check_tokens, rope_tables
+from kvlib.transformer import apply_rope, rope_tables
 
 Positions = Literal["cache", "original"]
 POSITIONS = ("cache", "original")
 
 
-class EvictionCache(CacheBase):
+class EvictionCache(Cache):
     """A cache of at most `budget` tokens per row; subclasses choose which tokens to keep.
 
-    `max_seq_len` (the capacity the Transformer checks) is the budget. `rope_len` is the
-    length of the model's RoPE table (config.max_seq_len) and `rope_theta` its base; they let
-    the cache re-rotate keys and, in "original" mode, bound the positions.
+    `capacity` is the budget. `rope_len` is the length of the model's RoPE table
+    (config.max_seq_len) and `rope_theta` its base; they let the cache re-rotate keys and, in
+    "original" mode, bound the positions.
     """
 
     policy = "full"
-    needs_queries = False  # True for caches that rank tokens by the attention they receive
 
     def __init__(
         self,
@@ -98,7 +98,6 @@ class EvictionCache(CacheBase):
                 f"budget={budget}: slot positions run up to budget - 1; got {rope_len!r}"
             )
         self.budget = budget
-        self.max_seq_len = budget  # the capacity Transformer._check_cache reads
         self.positions = positions
         self.rope_len = rope_len
         B, K, W, D = batch_size, n_kv_heads, budget, head_dim
@@ -149,6 +148,10 @@ class EvictionCache(CacheBase):
 
     # ---- positions -----------------------------------------------------------------------------
     @property
+    def capacity(self) -> int:
+        return self.budget
+
+    @property
     def n_seen(self) -> int:
         """Tokens streamed through the cache so far (kept or evicted)."""
         return min(self._seen)
@@ -165,10 +168,17 @@ class EvictionCache(CacheBase):
         return torch.arange(first, first + T, device=self.device)  # (T,)
 
     def next_positions(self, T: int) -> torch.Tensor:
-        """(B, T) positions to pass as the model's position_ids for the next T tokens."""
-        check_int("T", T, 1)
+        """(B, T) RoPE positions of the next T tokens (after `prepare(T)`): the next slots, or
+        the next stream indices with positions='original'."""
+        check_int("T", T, 1, error=KVCacheError)
         pos = self._write_positions(0, T)  # (T,)
         return pos[None, :].expand(self.batch_size, T)  # (B, T)
+
+    def max_position(self, n: int) -> int:
+        """Slots stay below the budget; stream indices grow with the stream."""
+        if self.positions == "cache":
+            return min(self.seq_len + n, self.budget) - 1
+        return self.n_seen + n - 1
 
     def kept_positions(self, layer: int = 0) -> torch.Tensor:
         """(B, K, S) stream indices of the tokens `layer` holds, in slot order."""
@@ -186,20 +196,18 @@ class EvictionCache(CacheBase):
             )
         super().set_left_padding(n_pad)
 
-    def _before_update(self, layer: int, T: int) -> None:
-        """Policy checks that must pass before anything is written (H2O: the queries)."""
-
-    def _after_update(self, layer: int, k_all: torch.Tensor) -> None:
-        """Policy bookkeeping once the T new tokens are in (H2O: accumulate attention)."""
-
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (B, K, T, D) to `layer`; return its (B, K, S, D) keys (rotated to their
-        current positions) and values. Call `make_room(T)` first when the cache may be full."""
+        current positions) and values. Call `prepare(T)` first when the cache may be full."""
+        return self._append(layer, k, v)
+
+    def _append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         T = self._check_kv(layer, k, v, self.budget)
         written = self._write_positions(layer, T)  # (T,) may raise: nothing written yet
-        self._before_update(layer, T)
         n, seen = self._len[layer], self._seen[layer]
         self.keys[layer][:, :, n : n + T] = k
         self.values[layer][:, :, n : n + T] = v
@@ -208,9 +216,7 @@ class EvictionCache(CacheBase):
         self._len[layer] = n + T
         self._seen[layer] = seen + T
         self.elements_copied += k.numel() + v.numel()
-        k_all = self.read_keys(layer)  # (B, K, S, D)
-        self._after_update(layer, k_all)
-        return k_all, self.values[layer][:, :, : n + T]
+        return self.read_keys(layer), self.values[layer][:, :, : n + T]  # (B, K, S, D) each
 
     def read_keys(self, layer: int) -> torch.Tensor:
         """(B, K, S, D) keys of `layer` as attention must see them.
@@ -235,6 +241,21 @@ class EvictionCache(CacheBase):
         super().crop(n)  # validates n
         self._seen = [s - (b - n) for s, b in zip(self._seen, before, strict=True)]
 
+    def checkpoint(self) -> dict:
+        return super().checkpoint() | {
+            "seen": list(self._seen),
+            "moved": list(self._moved),
+            "n_evicted": self.n_evicted,
+            "buffers": [list(buffers) for buffers in self._buffer_lists()],
+        }
+
+    def rollback(self, state: dict) -> None:
+        super().rollback(state)
+        self._seen, self._moved = list(state["seen"]), list(state["moved"])
+        self.n_evicted = state["n_evicted"]
+        for buffers, saved in zip(self._buffer_lists(), state["buffers"], strict=True):
+            buffers[:] = saved
+
     def reset(self) -> None:
         """Forget every token (the buffers are kept)."""
         super().reset()
@@ -243,25 +264,28 @@ class EvictionCache(CacheBase):
         self.n_evicted = 0
 
     # ---- eviction ------------------------------------------------------------------------------
+    def check_room(self, n: int) -> None:
+        """An evicting cache makes room for any number of tokens, a step at a time."""
+        check_int("n", n, 0, error=KVCacheError)
+
     def _check_room(self, T: int) -> None:
-        """Policy limits on T (raise before anything changes)."""
+        """Policy limits on the T tokens of one step (raise before anything changes)."""
         if T > self.budget:
             raise ValueError(
                 f"{T} new tokens cannot fit a budget of {self.budget}: feed at most "
                 f"{self.budget} at a time"
             )
 
+    @abstractmethod
     def _keep(self, layer: int, n: int, m: int, T: int) -> torch.Tensor:
         """(B, K, m) ascending slots of `layer` to keep, of the n it holds."""
-        raise NotImplementedError
 
-    def make_room(self, T: int) -> int:
+    def prepare(self, T: int) -> int:
         """Evict tokens so that T new ones fit the budget; return how many were evicted."""
-        check_int("T", T, 1)
-        if len(set(self._len)) != 1:
-            raise KVCacheError(
-                f"layers hold different lengths {self._len}: make room between forward passes"
-            )
+        check_int("T", T, 1, error=KVCacheError)
+        self._check_between_steps()
+        if self.positions == "original":
+            self._write_positions(0, T)  # raises past the RoPE table, before any eviction
         n = self.seq_len
         if n + T <= self.budget:
             return 0
@@ -275,17 +299,21 @@ class EvictionCache(CacheBase):
         self.n_evicted += n - m
         return n - m
 
-    def _buffers(self, layer: int) -> list[torch.Tensor]:
-        """The per-slot tensors of `layer` that eviction compacts."""
-        return [self.keys[layer], self.values[layer], self.token_pos[layer], self.rotated_at[layer]]
+    def _buffer_lists(self) -> list[list[torch.Tensor]]:
+        """The per-layer lists of per-slot tensors that eviction compacts."""
+        return [self.keys, self.values, self.token_pos, self.rotated_at]
 
     def _compact(self, layer: int, idx: torch.Tensor, n: int) -> None:
-        """Move the slots idx (B, K, m) to slots [0, m), in order."""
+        """Move the slots idx (B, K, m) to slots [0, m), in order, into new buffers (the old
+        ones stay intact for `rollback`)."""
         m = idx.shape[2]
-        for buf in self._buffers(layer):
+        for buffers in self._buffer_lists():
+            buf = buffers[layer]
             src = buf[:, :, :n]  # (B, K, n) or (B, K, n, D)
             gather_idx = idx if buf.ndim == 3 else idx[..., None].expand(-1, -1, -1, buf.shape[3])
-            buf[:, :, :m] = torch.gather(src, 2, gather_idx)  # gather copies before the write
+            new = torch.zeros_like(buf)
+            new[:, :, :m] = torch.gather(src, 2, gather_idx)  # (B, K, m) or (B, K, m, D)
+            buffers[layer] = new
 
     def __repr__(self) -> str:
         return (
@@ -296,18 +324,27 @@ class EvictionCache(CacheBase):
 
 
 class FullCache(EvictionCache):
-    """The reference: keeps every token; `make_room` raises CacheFullError past the budget."""
+    """The reference: keeps every token; `prepare` raises CacheFullError past the budget."""
 
     policy = "full"
 
-    def make_room(self, T: int) -> int:
-        check_int("T", T, 1)
-        if self.seq_len + T > self.budget:
+    def check_room(self, n: int) -> None:
+        check_int("n", n, 0, error=KVCacheError)
+        if self.seq_len + n > self.budget:
             raise CacheFullError(
                 f"a full cache never evicts: it holds {self.seq_len} of {self.budget} tokens "
-                f"and {T} more would overflow it (use an evicting cache for longer streams)"
+                f"and {n} more would overflow it (use an evicting cache for longer streams)"
             )
+
+    def prepare(self, T: int) -> int:
+        self._check_between_steps()
+        self.check_room(T)
+        if self.positions == "original":
+            self._write_positions(0, T)
         return 0
+
+    def _keep(self, layer: int, n: int, m: int, T: int) -> torch.Tensor:
+        raise CacheFullError("a full cache never evicts")  # `prepare` never asks it to
 
 
 class SlidingWindowCache(EvictionCache):
@@ -353,12 +390,11 @@ class H2OCache(EvictionCache):
     """Heavy-Hitter Oracle: the `n_recent` newest tokens + the heaviest older ones.
 
     Each token's score is the attention it has received so far (summed over the query heads
-    of its kv head and over every query since it arrived). Needs the queries: run the model
-    inside `watch_queries(model, cache)` (or call `observe_queries` before each update).
+    of its kv head and over every query since it arrived). It needs the queries, so it is fed
+    through `attend`, the call the model makes per layer; `update` alone cannot score tokens.
     """
 
     policy = "h2o"
-    needs_queries = True
 
     def __init__(self, *args, n_recent: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -373,46 +409,33 @@ class H2OCache(EvictionCache):
             torch.zeros(B, K, W, dtype=torch.float32, device=self.device)
             for _ in range(self.n_layers)
         ]
-        self._queries: list[torch.Tensor | None] = [None] * self.n_layers
 
-    def observe_queries(self, layer: int, q: torch.Tensor) -> None:
-        """Give the rotated queries (B, H, T, D) of the next `update` of `layer`."""
-        self._check_layer(layer)
-        if not isinstance(q, torch.Tensor):
-            raise KVCacheError(f"q must be a torch.Tensor, got {type(q).__name__}")
-        if (
-            q.ndim != 4
-            or q.shape[0] != self.batch_size
-            or q.shape[1] % self.n_kv_heads
-            or q.shape[3] != self.head_dim
-        ):
-            raise KVCacheError(
-                f"q must have shape (B={self.batch_size}, H, T, D={self.head_dim}) with H a "
-                f"multiple of K={self.n_kv_heads}, got {tuple(q.shape)}"
-            )
-        self._queries[layer] = q
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise KVCacheError(
+            "H2OCache ranks tokens by the attention they receive, so it needs the queries: "
+            "feed it through attend(layer, q, k, v, mask), as the model does"
+        )
 
-    def _before_update(self, layer: int, T: int) -> None:
-        q = self._queries[layer]
-        if q is None:
-            raise KVCacheError(
-                f"H2OCache ranks tokens by the attention they receive and has no queries for "
-                f"layer {layer}: run the model inside `with watch_queries(model, cache):` "
-                "(stream_logits does) or call observe_queries(layer, q) before update"
-            )
-        if q.shape[2] != T:
-            raise KVCacheError(
-                f"the observed queries hold {q.shape[2]} tokens, the update {T}: observe the "
-                "queries of the same forward pass"
-            )
-
-    def _after_update(self, layer: int, k_all: torch.Tensor) -> None:
-        q = self._queries[layer]
-        self._queries[layer] = None
-        S = k_all.shape[2]
-        T = q.shape[2]
-        self.scores[layer][:, :, S - T : S] = 0.0
-        self.scores[layer][:, :, :S] += attention_received(q, k_all)  # (B, K, S)
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Store k, v; add the attention the T queries q (B, H, T, D) give every kept key to
+        its score; return the attention output (B, H, T, D)."""
+        self._check_q(q, k)
+        k_all, v_all = self._append(layer, k.to(self.dtype), v.to(self.dtype))  # (B, K, S, D)
+        S, T = k_all.shape[2], q.shape[2]
+        scores = self.scores[layer].clone()  # a new tensor: the old one stays for rollback
+        scores[:, :, S - T : S] = 0.0
+        scores[:, :, :S] += attention_received(q, k_all)  # (B, K, S)
+        self.scores[layer] = scores
+        return _attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask)  # (B, H, T, D)
 
     def _keep(self, layer: int, n: int, m: int, T: int) -> torch.Tensor:
         r = min(max(self.n_recent - T, 0), m)  # recent tokens kept from the cache
@@ -423,16 +446,8 @@ class H2OCache(EvictionCache):
         heavy = older.topk(h, dim=-1).indices.sort(dim=-1).values  # (B, K, h)
         return torch.cat([heavy, recent], dim=-1)  # (B, K, m)
 
-    def _buffers(self, layer: int) -> list[torch.Tensor]:
-        return super()._buffers(layer) + [self.scores[layer]]
-
-    def crop(self, n: int) -> None:
-        super().crop(n)
-        self._queries = [None] * self.n_layers
-
-    def reset(self) -> None:
-        super().reset()
-        self._queries = [None] * self.n_layers
+    def _buffer_lists(self) -> list[list[torch.Tensor]]:
+        return super()._buffer_lists() + [self.scores]
 
     @property
     def nbytes_allocated(self) -> int:
@@ -447,7 +462,7 @@ POLICIES: dict[str, type[EvictionCache]] = {
 }
 
 
-# ---- attention scores and the query hook ----------------------------------------------------
+# ---- attention scores --------------------------------------------------------------------------
 
 
 def attention_received(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -468,75 +483,3 @@ def attention_received(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     mask = causal_mask(T, S, device=q.device)  # (T, S)
     weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)  # (B,K,G,T,S)
     return weights.sum(dim=(2, 3))  # (B, K, S)
-
-
-@contextlib.contextmanager
-def watch_queries(model: Transformer, cache: EvictionCache) -> Iterator[None]:
-    """While active, every layer's query projection hands its rotated queries to `cache`.
-
-    A forward hook on layer i's `attn.wq` reshapes its output (B, T, H*D) to (B, H, T, D),
-    rotates it at the positions the cache will write the T tokens at, and calls
-    `cache.observe_queries(i, q)`. A no-op for caches that do not need queries.
-    """
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
-    if not getattr(cache, "needs_queries", False):
-        yield
-        return
-    H, D = model.config.n_heads, model.config.head_dim
-
-    def hook_for(layer: int):
-        def hook(module, inputs, out: torch.Tensor) -> None:
-            B, T, _ = out.shape
-            q = out.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-            pos = cache._write_positions(layer, T)  # (T,)
-            cos, sin = cache.rope_cos[pos], cache.rope_sin[pos]  # (T, D) fp32
-            cache.observe_queries(layer, apply_rope(q.float(), cos, sin))
-
-        return hook
-
-    handles = [blk.attn.wq.register_forward_hook(hook_for(i)) for i, blk in enumerate(model.layers)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-# ---- streaming -----------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def stream_logits(
-    model: Transformer,
-    tokens: torch.Tensor,
-    cache: EvictionCache,
-    *,
-    prefill: int | None = None,
-) -> torch.Tensor:
-    """Run a stream (B, N) through `model` with `cache`; return the logits (B, N, V) fp32.
-
-    The first `prefill` tokens (default: as many as the budget holds, at most N) go in one
-    forward pass; after that one token per step, each preceded by `cache.make_room(1)`.
-    Positions come from `cache.next_positions`, so both position modes work.
-    """
-    if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
-    if not isinstance(cache, EvictionCache):
-        raise TypeError(f"cache must be a kvlib.eviction cache, got {type(cache).__name__}")
-    check_tokens(tokens, model.config.vocab_size)  # (B, N): the whole stream
-    B, N = tokens.shape
-    first = max(1, min(N, cache.budget - cache.seq_len)) if prefill is None else prefill
-    check_int("prefill", first, 1)
-    if first > N:
-        raise ValueError(f"prefill={first} is longer than the stream of {N} tokens")
-    out = torch.empty(B, N, model.config.vocab_size, dtype=torch.float32, device=model.device)
-    with watch_queries(model, cache):
-        i = 0
-        while i < N:
-            T = first if i == 0 else 1
-            cache.make_room(T)
-            pos = cache.next_positions(T)  # (B, T)
-            out[:, i : i + T] = model(tokens[:, i : i + T], cache, position_ids=pos).float()
-            i += T
-    return out

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kvlib.cache import CacheFullError, KVCache
+from kvlib.cache import Cache, KVCache
+from kvlib.config import check_int
 from kvlib.transformer import Transformer, check_tokens, left_padding
 
 # ---- batching helpers --------------------------------------------------------------------------
@@ -164,53 +165,101 @@ def generate(
             )
         elif cache_dtype is not None:
             raise ValueError("pass cache_dtype or a ready-made cache, not both")
-        capacity = getattr(cache, "max_seq_len", None)
-        need = cache.seq_len + T + max_new_tokens - 1  # the last token is never fed back
-        if capacity is not None and need > capacity:
-            raise CacheFullError(
-                f"the cache has {capacity} slots, {cache.seq_len} used; this call needs {need}"
-            )
+        _check_cache(model, cache, B, T + max_new_tokens - 1)  # the last token is not fed
 
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # (B, T + n)
     out[:, :T] = prompt
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,) rows that emitted EOS
     pick = lambda logits: next_token(logits, temperature, top_k, top_p, generator)  # noqa: E731
+    mask = attention_mask
+    if not use_cache and mask is not None:
+        ones = torch.ones(B, max_new_tokens, dtype=mask.dtype, device=device)
+        mask = torch.cat([mask, ones], dim=1)  # (B, T + n)
 
-    if use_cache:
-        S0 = cache.seq_len
-        logits = model(prompt, cache, attention_mask, last_only=True)[:, -1]  # (B, V)
-        # Precompute decode positions and masks for every step (no per-step bookkeeping).
-        total = S0 + T + max_new_tokens
-        slots = torch.arange(total, device=device)  # (S_total,)
-        start = cache.start.to(device)  # (B,)
-        positions = (slots[None, :] - start[:, None]).clamp(min=0)  # (B, S_total)
-        padded = bool((start > 0).any())
-        valid = (slots[None, :] >= start[:, None])[:, None, None, :]  # (B, 1, 1, S_total)
-    else:
-        mask = attention_mask
-        if mask is not None:
-            ones = torch.ones(B, max_new_tokens, dtype=mask.dtype, device=device)
-            mask = torch.cat([mask, ones], dim=1)  # (B, T + n)
-        logits = model(prompt, attention_mask=attention_mask, last_only=True)[:, -1]  # (B, V)
-
-    n = max_new_tokens
-    for i in range(max_new_tokens):
-        tok = pick(logits)  # (B,)
-        if eos_token_id is not None:
-            tok = tok.masked_fill(done, eos_token_id)
-            done = done | (tok == eos_token_id)
-        out[:, T + i] = tok
-        if stream is not None:
-            stream(i, tok)
-        if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
-            n = i + 1
-            break
-        if use_cache:
-            s = S0 + T + i  # slot of the token fed now
-            m = valid[..., : s + 1] if padded else None  # (B, 1, 1, S) or None
-            logits = model._forward(tok[:, None], positions[:, s : s + 1], m, cache)[:, -1]
+    state = cache.checkpoint() if use_cache else None
+    try:
+        if use_cache:  # prefill: the whole prompt in one forward pass
+            logits = model(prompt, cache, attention_mask, last_only=True)[:, -1]  # (B, V)
         else:
-            seq = out[:, : T + i + 1]  # (B, T + i + 1)
-            sub = None if mask is None else mask[:, : T + i + 1]
-            logits = model(seq, attention_mask=sub, last_only=True)[:, -1]
+            logits = model(prompt, attention_mask=attention_mask, last_only=True)[:, -1]
+        n = max_new_tokens
+        for i in range(max_new_tokens):
+            tok = pick(logits)  # (B,)
+            if eos_token_id is not None:
+                tok = tok.masked_fill(done, eos_token_id)
+                done = done | (tok == eos_token_id)
+            out[:, T + i] = tok
+            if stream is not None:
+                stream(i, tok)
+            if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                n = i + 1
+                break
+            if use_cache:  # decode: one token per row; the cache gives positions and padding
+                logits = model(tok[:, None], cache)[:, -1]  # (B, V)
+            else:
+                sub = None if mask is None else mask[:, : T + i + 1]
+                logits = model(out[:, : T + i + 1], attention_mask=sub, last_only=True)[:, -1]
+    except BaseException:
+        if use_cache:
+            cache.rollback(state)  # a failed generate leaves the cache as it was
+        raise
     return out[:, : T + n]
+
+
+@torch.inference_mode()
+def teacher_forced_logits(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cache: Cache,
+    *,
+    prefill: int | None = None,
+) -> torch.Tensor:
+    """The logits (B, N, V) fp32 of a given stream `tokens` (B, N) fed through `cache` the way
+    generation feeds it: the first `prefill` tokens in one forward pass (default: as many as
+    the cache can take at once), then one token per step.
+
+    The cache's own hooks do the rest (an evicting cache makes room before each step and
+    numbers the positions), so this runs on any kvlib cache. A failed call leaves the cache
+    as it was.
+    """
+    if not isinstance(model, Transformer):
+        raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
+    check_tokens(tokens, model.config.vocab_size)  # (B, N): the whole stream
+    B, N = tokens.shape
+    _check_cache(model, cache, B, N)
+    room = N if cache.capacity is None else cache.capacity - cache.seq_len
+    first = max(1, min(N, room)) if prefill is None else prefill
+    check_int("prefill", first, 1)
+    if first > N:
+        raise ValueError(f"prefill={first} is longer than the stream of {N} tokens")
+    out = torch.empty(B, N, model.config.vocab_size, dtype=torch.float32, device=model.device)
+    tokens = tokens.to(model.device)
+    state = cache.checkpoint()
+    try:
+        i = 0
+        while i < N:
+            T = first if i == 0 else 1
+            out[:, i : i + T] = model(tokens[:, i : i + T], cache).float()  # (B, T, V)
+            i += T
+    except BaseException:
+        cache.rollback(state)
+        raise
+    return out
+
+
+def _check_cache(model: Transformer, cache: Cache, B: int, n_fed: int) -> None:
+    """Raise unless `cache` fits the model, B rows, and n_fed more tokens fed through it."""
+    if not isinstance(cache, Cache):
+        raise TypeError(
+            f"cache must be a kvlib cache (a kvlib.cache.Cache), got {type(cache).__name__}"
+        )
+    cache.check_config(model.config)
+    if cache.batch_size != B:
+        raise ValueError(f"cache holds {cache.batch_size} rows, the tokens have B={B}")
+    cache.check_room(n_fed)
+    last = cache.max_position(n_fed)
+    if last >= model.config.max_seq_len:
+        raise ValueError(
+            f"the cache holds {cache.seq_len} tokens; feeding {n_fed} more would reach "
+            f"position {last}, past config.max_seq_len={model.config.max_seq_len}"
+        )

@@ -13,16 +13,16 @@ the sequence grows, and at most `block_size - 1` slots per sequence sit unused.
 
 `PagedKVCache` keeps named sequences (integer ids) and an *active batch*: row b of every
 tensor the model sees is sequence `active[b]`. It implements the cache interface of
-`kvlib.cache` (update, seq_len, lengths, start, valid_mask, set_left_padding, crop, reset,
-nbytes_allocated, nbytes_used), so the same `Transformer` runs on it unchanged. The model
-sees the contiguous layout
+`kvlib.cache.Cache`, so the same `Transformer` runs on it unchanged. `update` gives the
+contiguous layout
 
     update(...) -> k, v: (B, K, S, D)    row b's real tokens in slots [start[b], S)
 
 gathered from the pool (the gather reference path). Rows of different lengths are
 right-aligned, exactly like left padding; padding slots read as zeros and are never stored.
-A decode step (T = 1) on a float32 CPU pool skips the gather: the model calls `attend`, which
-stores the new token and runs the fused kernel (`kvlib.paged_kernel`) on the blocks in place.
+`attend`, the call the model makes per layer, skips the gather for a decode step (T = 1) on a
+float32 CPU pool: it stores the new token and runs the fused kernel (`kvlib.paged_kernel`) on
+the blocks in place; otherwise it is the interface's default (update, then attention).
 
 Sharing: `fork` gives a new sequence the same blocks (reference counts go up);
 the first write into a shared block copies it first (copy-on-write). Preemption:
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlib.attention import attention
-from kvlib.cache import CacheBase, KVCacheError
+from kvlib.cache import Cache, KVCacheError
 from kvlib.config import ModelConfig, check_int, dtype_bytes
 from kvlib.paged_kernel import paged_attention_fused
 
@@ -178,6 +178,15 @@ class BlockAllocator:
         for pool in self.k_pool + self.v_pool:
             pool[dst] = pool[src]
 
+    def checkpoint(self) -> tuple[list[int], list[int]]:
+        """The free list and refcounts, to restore after a failed step (the pools' contents
+        need no copy: a step writes only into blocks it allocated or copied)."""
+        return list(self._free), list(self._ref)
+
+    def rollback(self, state: tuple[list[int], list[int]]) -> None:
+        """Return the free list and refcounts to `state` from `checkpoint()`."""
+        self._free, self._ref = list(state[0]), list(state[1])
+
     def check_invariants(self) -> None:
         """Raise AssertionError unless free list and refcounts agree."""
         free = set(self._free)
@@ -230,7 +239,7 @@ class _Sequence:
     swapped: tuple[list[torch.Tensor], list[torch.Tensor]] | None = field(default=None)
 
 
-class PagedKVCache(CacheBase):
+class PagedKVCache(Cache):
     """KV cache in a block pool: named sequences, an active batch, the `KVCache` interface.
 
     `PagedKVCache(allocator, batch_size)` creates `batch_size` empty sequences (ids
@@ -408,34 +417,37 @@ class PagedKVCache(CacheBase):
 
     @property
     def fused_decode(self) -> bool:
-        """Whether `attend` can read this pool in place (`kvlib.paged_kernel`: CPU, float32)."""
+        """Whether `attend` reads this pool in place (`kvlib.paged_kernel`: CPU, float32)."""
         return self.device.type == "cpu" and self.dtype == torch.float32
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One decode step of `layer` without a gather: append k, v (B, K, 1, D) like `update`,
-        then attention of q (B, H, 1, D) over each row's own tokens, read from the blocks where
-        they lie. Returns (B, H, 1, D). Needs `fused_decode`; the model calls it when T == 1,
-        where its mask is exactly each row's real tokens.
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Store k, v (B, K, T, D) and attend q (B, H, T, D) over each row's tokens.
+
+        A decode step (T = 1) of a float32 model on a `fused_decode` pool skips the gather: it
+        stores the token like `update`, then runs the fused loop over each row's own blocks
+        where they lie. With one query per row the only mask is which slots are real, which
+        the loop knows as the sequence lengths; `mask` must be that one (the model's), and is
+        checked. Anything else takes the default path: update (gather), then attention.
         """
-        if not self.fused_decode:
-            raise KVCacheError(
-                f"attend reads float32 pools on the CPU; this pool is {self.dtype} on "
-                f"{self.device} (use update, then attention)"
-            )
-        if not isinstance(q, torch.Tensor) or q.ndim != 4 or q.shape[2] != 1:
-            raise KVCacheError(
-                f"q must be a (B, H, 1, D) decode query, got {tuple(getattr(q, 'shape', ()))}"
-            )
+        self._check_q(q, k)
+        if not (self.fused_decode and q.dtype == self.dtype and q.shape[2] == 1):
+            return super().attend(layer, q, k, v, mask)
+        self._check_layer(layer)
         B, H, _, D = q.shape
-        if B != self.batch_size or D != self.head_dim or H % self.n_kv_heads:
+        S = self._len[layer] + 1
+        if mask is not None and not torch.equal(
+            mask.reshape(-1, S).expand(B, S), self.valid_mask(S)
+        ):
             raise KVCacheError(
-                f"q {tuple(q.shape)} does not fit this cache: expected B={self.batch_size}, "
-                f"D={self.head_dim} and H a multiple of K={self.n_kv_heads}"
-            )
-        if not isinstance(k, torch.Tensor) or k.ndim != 4 or k.shape[2] != 1:
-            raise KVCacheError(
-                "attend takes one new token per row, k of shape (B, K, 1, D); got "
-                f"{tuple(getattr(k, 'shape', ()))}"
+                "a decode step reads each row's own tokens; the mask must be the cache's "
+                "valid_mask (other masks: use update, then attention)"
             )
         self._write(layer, k, v)
         lens = [self._seqs[i].lens[layer] for i in self._active]  # 0: a row of padding so far
@@ -454,7 +466,7 @@ class PagedKVCache(CacheBase):
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, K, T, D) of the active rows in their blocks (the first half of update)."""
-        T = self._check_kv(layer, k, v, 2**62)
+        T = self._check_kv(layer, k, v, None)
         pos = self._len[layer]
         P = self.block_size
         start = self._start.tolist()
@@ -536,6 +548,27 @@ class PagedKVCache(CacheBase):
             tuple(self._start.tolist()),
         )
 
+    def checkpoint(self) -> dict:
+        """Lengths, block tables and the pool's free list and refcounts (no K/V is copied)."""
+        seqs = {i: (list(s.blocks), list(s.lens), s.swapped) for i, s in self._seqs.items()}
+        return super().checkpoint() | {
+            "seqs": seqs,
+            "active": list(self._active),
+            "next_id": self._next_id,
+            "pool": self.allocator.checkpoint(),
+        }
+
+    def rollback(self, state: dict) -> None:
+        super().rollback(state)
+        self._seqs = {
+            i: _Sequence(blocks=list(blocks), lens=list(lens), swapped=swapped)
+            for i, (blocks, lens, swapped) in state["seqs"].items()
+        }
+        self._active = list(state["active"])
+        self.batch_size = len(self._active)
+        self._next_id = state["next_id"]
+        self.allocator.rollback(state["pool"])
+
     def crop(self, n: int) -> None:
         """Keep the first n view slots; blocks past each row's new end are released."""
         super().crop(n)  # validates, sets the view length
@@ -588,12 +621,6 @@ class PagedKVCache(CacheBase):
         if seq_id not in self._seqs:
             raise KeyError(f"no sequence {seq_id}; known sequences: {sorted(self._seqs)}")
         return self._seqs[seq_id]
-
-    def _check_between_steps(self) -> None:
-        if len(set(self._len)) != 1:
-            raise KVCacheError(
-                f"layers hold different lengths {self._len}: finish the forward pass first"
-            )
 
     def __repr__(self) -> str:
         return (

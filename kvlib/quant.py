@@ -42,7 +42,7 @@ from typing import Literal
 
 import torch
 
-from kvlib.cache import CacheBase, KVCacheError
+from kvlib.cache import Cache, KVCacheError
 from kvlib.config import ModelConfig, check_int, dtype_bytes
 
 Granularity = Literal["token", "channel", "group"]
@@ -226,7 +226,7 @@ def quantize(
     if x.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor of shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
-        raise ValueError("x holds inf or nan: quantization needs finite numbers")
+        raise ValueError("x holds nan or inf: quantization needs finite numbers")
 
     xf = x.float()  # scales, zero points and codes computed in fp32
     xg = _groups(xf, granularity, group_size)  # (..., S, D/g, g) or (..., S/g, g, D)
@@ -404,7 +404,8 @@ class _Stream:
         self.bits = scheme.bits
         self.R = scheme.residual
         self.symmetric = scheme.symmetric
-        self.group_size = self.R if gran == "channel" else scheme.group_size
+        # a scale covers R tokens of one channel, g channels of one token, or a whole token
+        self.group_size = {"channel": self.R, "group": scheme.group_size}.get(gran)
         self.n_q = 0  # slots stored quantized, [0, n_q)
         if gran == "channel":
             scale_shape = (B, K, S_max // self.R, D)  # (B, K, S_max/R, D)
@@ -498,7 +499,7 @@ class _Stream:
         return n_codes * D * self.bits // 8 + groups * per_group + n_resid * D * dtype_bytes(dtype)
 
 
-class QuantizedKVCache(CacheBase):
+class QuantizedKVCache(Cache):
     """A KV cache that stores keys and values quantized by a `QuantScheme`.
 
     Same interface as `kvlib.KVCache`: `update(layer, k, v)` quantizes the new tokens (those
@@ -566,7 +567,7 @@ class QuantizedKVCache(CacheBase):
             batch_size,
             config.n_kv_heads,
             config.head_dim,
-            max_seq_len or config.max_seq_len,
+            config.max_seq_len if max_seq_len is None else max_seq_len,
             scheme,
             dtype=dtype,
             device=device,
@@ -588,6 +589,22 @@ class QuantizedKVCache(CacheBase):
         self._len[layer] = pos + T
         self.elements_copied += k.numel() + v.numel()
         return ks.read(pos + T, self.dtype), vs.read(pos + T, self.dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.max_seq_len
+
+    def checkpoint(self) -> dict:
+        """Lengths, and per stream the quantized count and a copy of the small residual (the
+        only storage a step rewrites; codes and scales are written past the quantized count)."""
+        streams = [(st.n_q, st.resid.clone()) for st in self.keys + self.values]
+        return super().checkpoint() | {"streams": streams}
+
+    def rollback(self, state: dict) -> None:
+        super().rollback(state)
+        for st, (n_q, resid) in zip(self.keys + self.values, state["streams"], strict=True):
+            st.n_q = n_q
+            st.resid.copy_(resid)
 
     def crop(self, n: int) -> None:
         """Keep the first n slots of every layer (see `_Stream.crop` for per-channel blocks)."""

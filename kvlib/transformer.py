@@ -25,11 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlib.attention import _attention, causal_mask
-from kvlib.cache import CacheFullError
+from kvlib.cache import Cache, position_ids
 from kvlib.config import ModelConfig
-
-# scaled_dot_product_attention takes GQA (enable_gqa) from torch 2.5 on
-_SDPA_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"
 
 # ---- building blocks ---------------------------------------------------------------------------
 
@@ -128,38 +125,25 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache=None,
+        cache: Cache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). cos and sin (B, 1, T, D) come from `Transformer._forward`,
-        sin folded (`fold_rope_sin`); mask is None or 4-D bool (b, 1, T, S)."""
+        """x (B, T, C) -> (B, T, C). cos and sin (B, 1, T, D) come from `Transformer.forward`,
+        sin folded (`fold_rope_sin`); mask is None (every slot visible) or bool (b, 1, T, S).
+
+        With a cache, the layer makes one call: `cache.attend` stores the new keys and values
+        and returns the attention of q over the layer's whole history.
+        """
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = self.wv(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         q, k = _apply_rope_folded(q, cos, sin), _apply_rope_folded(k, cos, sin)
-        fused = cache is not None and T == 1 and getattr(cache, "fused_decode", False)
-        if fused and q.dtype == cache.dtype:
-            # A paged cache that reads its blocks in place stores k, v and attends in one call,
-            # with no (B, K, S, D) copy of the history. With T = 1 the mask is each row's real
-            # tokens, which the cache knows as its sequence lengths.
-            out = cache.attend(layer, q, k, v)  # (B, H, 1, D)
-            return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
-        if cache is not None:
-            # The cache may store another float dtype (e.g. a bf16 cache for an fp32 model).
-            kv_dtype = getattr(cache, "dtype", k.dtype)
-            if kv_dtype != k.dtype and kv_dtype.is_floating_point:
-                k, v = k.to(kv_dtype), v.to(kv_dtype)
-            k, v = cache.update(layer, k, v)  # (B, K, S, D) each
-            if k.dtype != q.dtype:
-                k, v = k.to(q.dtype), v.to(q.dtype)
-        if mask is None and _SDPA_GQA and q.dtype in (torch.float32, torch.float64):
-            # Every slot visible (a decode step with no padding): torch's fused kernel does
-            # scale, softmax (in q's dtype, fp32 or wider) and both products in one call.
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=H != K)  # (B, H, T, D)
-        else:
+        if cache is None:
             out = _attention(q, k, v, mask)  # (B, H, T, D); fp16/bf16 softmax upcast to fp32
+        else:
+            out = cache.attend(layer, q, k, v, mask)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.wo(out)
 
@@ -283,16 +267,6 @@ def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     return m.shape[1] - n_real  # (B,)
 
 
-def position_ids(start: torch.Tensor, seq_len_before: int, T: int) -> torch.Tensor:
-    """(B, T) RoPE positions of T new tokens after `seq_len_before` slots.
-
-    pos[b, t] = seq_len_before + t - start[b], clamped at 0 (padding slots get position 0),
-    so a left-padded row's real tokens are numbered 0, 1, ... as if the row ran alone.
-    """
-    slots = torch.arange(seq_len_before, seq_len_before + T, device=start.device)  # (T,)
-    return (slots[None, :] - start[:, None]).clamp(min=0)  # (B, T)
-
-
 _positions = position_ids  # forward's keyword argument shadows the name
 
 
@@ -356,32 +330,55 @@ class Transformer(nn.Module):
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         check_tokens(tokens, self.config.vocab_size)
 
-    def _check_cache(self, cache, B: int, T: int) -> int:
-        """Validate the cache against the config and the new tokens; return its seq_len."""
-        c = self.config
-        for name, want in (("n_layers", c.n_layers), ("n_kv_heads", c.n_kv_heads)):
-            got = getattr(cache, name, want)
-            if got != want:
-                raise ValueError(f"cache has {name}={got}, the model needs {want}")
-        got_d = getattr(cache, "head_dim", c.head_dim)
-        if got_d != c.head_dim:
-            raise ValueError(f"cache has head_dim={got_d}, the model needs {c.head_dim}")
+    def _check_cache(self, cache: Cache, B: int) -> None:
+        """Raise unless `cache` is a kvlib cache shaped for this model and B rows."""
+        if not isinstance(cache, Cache):
+            raise TypeError(
+                f"cache must be a kvlib cache (a kvlib.cache.Cache), got {type(cache).__name__}"
+            )
+        cache.check_config(self.config)
         if cache.batch_size != B:
             raise ValueError(f"cache holds {cache.batch_size} rows, tokens have B={B}")
-        S0 = cache.seq_len
-        capacity = getattr(cache, "max_seq_len", None)
-        if capacity is not None and S0 + T > capacity:
-            raise CacheFullError(
-                f"cache holds {S0} of {capacity} slots; {T} new tokens would overflow it "
-                "(allocate a larger cache)"
+
+    def _check_padding(
+        self, attention_mask: torch.Tensor | None, B: int, T: int, S0: int
+    ) -> torch.Tensor | None:
+        """(B,) padding per row from a (B, T) 0/1 mask, or None; only on an empty cache."""
+        if attention_mask is None:
+            return None
+        if S0 > 0:
+            raise ValueError(
+                f"attention_mask describes left padding of a prompt and needs an empty "
+                f"cache; this one holds {S0} tokens (padding is kept by the cache)"
             )
-        return S0
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
+            raise ValueError(
+                f"attention_mask must have the shape of tokens {(B, T)}, "
+                f"got {tuple(getattr(attention_mask, 'shape', ()))}"
+            )
+        return left_padding(attention_mask)  # (B,)
+
+    def _check_positions(self, pos: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        if not isinstance(pos, torch.Tensor) or tuple(pos.shape) != (B, T):
+            raise ValueError(
+                f"position_ids must be an integer tensor of shape {(B, T)}, got "
+                f"{tuple(getattr(pos, 'shape', ()))}"
+            )
+        if pos.dtype.is_floating_point or pos.dtype == torch.bool:
+            raise ValueError(f"position_ids must be an integer tensor, got {pos.dtype}")
+        lo, hi = int(pos.min()), int(pos.max())
+        if lo < 0 or hi >= self.config.max_seq_len:
+            raise ValueError(
+                f"positions must be in [0, {self.config.max_seq_len}) (config.max_seq_len, the "
+                f"RoPE table's length), got [{lo}, {hi}]"
+            )
+        return pos.to(device=self.device, dtype=torch.long)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(
         self,
         tokens: torch.Tensor,
-        cache=None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
@@ -390,72 +387,58 @@ class Transformer(nn.Module):
         """Logits (B, T, V) for T new tokens ((B, 1, V) with last_only), appended to `cache`.
 
         attention_mask: (B, T) 0/1 for left-padded rows; only on an empty cache (or no cache).
-        position_ids: (B, T) RoPE positions overriding the ones derived from the padding
-        (chapter 4 uses it to show what wrong positions do).
+        position_ids: (B, T) RoPE positions overriding the cache's (chapter 4 uses it to show
+        what wrong positions do).
+
+        With a cache, every input is checked first; the cache then prepares the step (an
+        evicting cache makes room), gives the positions, and each layer makes one
+        `cache.attend` call. If anything fails after the first write, the cache is rolled back
+        to where it was, so a failed call changes nothing.
         """
         self._check_tokens(tokens)
         B, T = tokens.shape
-        S0 = 0 if cache is None else self._check_cache(cache, B, T)
-        if S0 + T > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {S0 + T} tokens exceeds config.max_seq_len="
-                f"{self.config.max_seq_len} (the RoPE table's length)"
-            )
-        n_pad = None
-        if attention_mask is not None:
-            if S0 > 0:
-                raise ValueError(
-                    f"attention_mask describes left padding of a prompt and needs an empty "
-                    f"cache; this one holds {S0} tokens (padding is kept by the cache)"
-                )
-            if tuple(attention_mask.shape) != (B, T):
-                raise ValueError(
-                    f"attention_mask must have the shape of tokens {(B, T)}, "
-                    f"got {tuple(attention_mask.shape)}"
-                )
-            n_pad = left_padding(attention_mask).to(tokens.device)  # (B,)
-        if position_ids is not None:
-            if tuple(position_ids.shape) != (B, T) or position_ids.dtype.is_floating_point:
-                raise ValueError(
-                    f"position_ids must be an integer tensor of shape {(B, T)}, got "
-                    f"{tuple(position_ids.shape)} {position_ids.dtype}"
-                )
-            lo, hi = int(position_ids.min()), int(position_ids.max())
-            if lo < 0 or hi >= self.config.max_seq_len:
-                raise ValueError(
-                    f"position_ids must be in [0, {self.config.max_seq_len}), got [{lo}, {hi}]"
-                )
-        S = S0 + T
         if cache is not None:
-            if n_pad is not None:
-                cache.set_left_padding(n_pad)
-            start = cache.start  # (B,)
-        else:
-            start = (
-                torch.zeros(B, dtype=torch.long, device=tokens.device) if n_pad is None else n_pad
-            )
-        pos = _positions(start, S0, T)  # (B, T)
+            self._check_cache(cache, B)
+        S0 = 0 if cache is None else cache.seq_len
+        n_pad = self._check_padding(attention_mask, B, T, S0)
         if position_ids is not None:
-            pos = position_ids.to(device=tokens.device, dtype=torch.long)
-        mask = causal_mask(T, S, device=tokens.device)[None, None]  # (1, 1, T, S)
-        if cache is not None:
-            valid = cache.valid_mask(S)  # (B, S)
-        else:
-            slots = torch.arange(S, device=tokens.device)  # (S,)
+            position_ids = self._check_positions(position_ids, B, T)
+        if cache is None:
+            start = torch.zeros(B, dtype=torch.long, device=tokens.device)
+            start = start if n_pad is None else n_pad.to(tokens.device)  # (B,)
+            pos = _positions(start, 0, T) if position_ids is None else position_ids  # (B, T)
+            self._check_positions(pos, B, T)
+            slots = torch.arange(T, device=tokens.device)  # (S,) with S = T
             valid = slots[None, :] >= start[:, None]  # (B, S)
-        mask = mask & valid[:, None, None, :]  # (B, 1, T, S)
-        return self._forward(tokens, pos, mask, cache, last_only)
+            mask = causal_mask(T, T, device=tokens.device)[None, None] & valid[:, None, None, :]
+            return self._run(tokens, pos, mask, None, last_only)
+        state = cache.checkpoint()
+        try:
+            if n_pad is not None:
+                cache.set_left_padding(n_pad.to(cache.device))
+            cache.prepare(T)  # an evicting cache makes room here
+            pos = cache.next_positions(T) if position_ids is None else position_ids  # (B, T)
+            pos = self._check_positions(pos, B, T)
+            S = cache.seq_len + T
+            if T == 1 and not bool(cache.start.any()):
+                mask = None  # a decode step without padding sees every slot
+            else:
+                mask = causal_mask(T, S, device=tokens.device)[None, None]  # (1, 1, T, S)
+                mask = mask & cache.valid_mask(S)[:, None, None, :]  # (B, 1, T, S)
+            return self._run(tokens, pos, mask, cache, last_only)
+        except BaseException:
+            cache.rollback(state)
+            raise
 
-    def _forward(
+    def _run(
         self,
         tokens: torch.Tensor,
         pos: torch.Tensor,
         mask: torch.Tensor | None,
-        cache=None,
-        last_only: bool = False,
+        cache: Cache | None,
+        last_only: bool,
     ) -> torch.Tensor:
-        """The unchecked forward pass (generate's decode loop calls it with precomputed
-        positions (B, T) and mask (B or 1, 1, T, S), or mask=None when every slot is visible)."""
+        """The layers, on checked inputs: positions (B, T), mask (b, 1, T, S) or None."""
         x = self.tok_embeddings(tokens)  # (B, T, C)
         cs = self._rope_cos_sin[pos]  # (B, T, 2, D) fp32: cos and folded sin of each position
         if cs.dtype != x.dtype:

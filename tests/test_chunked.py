@@ -250,7 +250,11 @@ def test_chunked_prefill_misuse_leaves_the_cache_alone():
     bad[1, 11] = 64  # out of the vocabulary, in the second chunk
     cases = [
         (ValueError, "token ids must be in", dict(tokens=bad, chunk_size=4)),
-        (CacheFullError, "past the capacity of 30", dict(tokens=tokens(T=21), chunk_size=4)),
+        (
+            CacheFullError,
+            "holds 10 of 30 slots; 21 new tokens",
+            dict(tokens=tokens(T=21), chunk_size=4),
+        ),
         (ValueError, "chunk_size must be an int >= 1", dict(tokens=tokens(T=4), chunk_size=0)),
         (TypeError, "chunk_size must be an int", dict(tokens=tokens(T=4), chunk_size=2.5)),
         (TypeError, "int64 token ids", dict(tokens=tokens(T=4).float(), chunk_size=2)),

@@ -18,9 +18,8 @@ from kvlib.eviction import (
     SinkCache,
     SlidingWindowCache,
     attention_received,
-    stream_logits,
-    watch_queries,
 )
+from kvlib.generate import teacher_forced_logits as stream_logits
 from kvlib.transformer import apply_rope, rope_tables
 from tests.models import model_for as make_model
 
@@ -47,7 +46,7 @@ def feed(cache, N, T=1, seed=0):
     ks = torch.randn(B, K, N, D, generator=g, dtype=cache.dtype)  # (B, K, N, D)
     for i in range(0, N, T):
         t = min(T, N - i)
-        cache.make_room(t)
+        cache.prepare(t)
         for layer in range(cache.n_layers):
             cache.update(layer, ks[:, :, i : i + t], ks[:, :, i : i + t] * 2)
     return ks
@@ -137,9 +136,9 @@ def test_h2o_keeps_recent_and_heaviest_tokens_like_a_reference(n_recent):
         for k in range(K)
     ]
     for t in range(N):
-        cache.make_room(1)
-        cache.observe_queries(0, qs[:, :, t : t + 1])
-        cache.update(0, ks[:, :, t : t + 1], ks[:, :, t : t + 1])
+        cache.prepare(1)
+        k_t = ks[:, :, t : t + 1]  # (B, K, 1, D)
+        cache.attend(0, qs[:, :, t : t + 1], k_t, k_t, None)  # scores the kept keys
         for k in range(K):
             want_kept, want_score = refs[k][t]
             got_kept = cache.kept_positions(0)[0, k].tolist()
@@ -188,6 +187,21 @@ def test_full_cache_equals_kvcache_and_the_uncached_model():
 # ---- positions ---------------------------------------------------------------------------------
 
 
+class MaskedKVCache(KVCache):
+    """A contiguous cache that also applies a fixed (N, N) mask: one `attend` override."""
+
+    def attend(self, layer, q, k, v, mask):
+        T, S = q.shape[2], self.layer_len(layer) + k.shape[2]
+        extra = self.extra[S - T : S, :S]  # (T, S) rows of the new queries
+        return super().attend(layer, q, k, v, extra if mask is None else mask & extra)
+
+
+def masked_cache(extra, B, N):
+    cache = MaskedKVCache(CONFIG.n_layers, B, CONFIG.n_kv_heads, CONFIG.head_dim, N, dtype=F64)
+    cache.extra = extra
+    return cache
+
+
 @pytest.mark.parametrize("policy", ["window", "sinks"])
 def test_original_positions_equal_a_masked_full_forward_pass(policy):
     """With stream positions, a window (with sinks) is exactly a sliding-window attention mask."""
@@ -198,8 +212,7 @@ def test_original_positions_equal_a_masked_full_forward_pass(policy):
         mask = sliding_window_mask(N, N, W)  # (N, N): the last W keys
     else:  # 4 sinks + the last W - 4 keys
         mask = sliding_window_mask(N, N, W - 4) | (causal_mask(N, N) & (torch.arange(N) < 4))
-    pos = torch.arange(N).expand(2, N)  # (B, N)
-    want = model._forward(tokens, pos, mask[None, None]).float()
+    want = model(tokens, masked_cache(mask, 2, N)).float()  # one pass, positions 0..N-1
     diff = (got - want).abs().max().item()
     assert diff < 1e-6, f"{policy}: stream vs masked forward pass, max diff {diff:.3e}"
 
@@ -215,13 +228,13 @@ def test_cache_positions_rotate_keys_to_their_slot(policy):
     cos, sin = rope_tables(D, CONFIG.max_seq_len, CONFIG.rope_theta)
     cos, sin = cos.double(), sin.double()
     for t in range(N):
-        cache.make_room(1)
+        cache.prepare(1)
         s = cache.seq_len  # the slot (and position) the Transformer gives token t
+        assert cache.next_positions(1).tolist() == [[s], [s]]
         k = apply_rope(raw[:, :, t : t + 1], cos[s], sin[s]).float()
         for layer in range(CONFIG.n_layers):
-            if policy == "h2o":
-                cache.observe_queries(layer, q)
-            k_all, _ = cache.update(layer, k, k)
+            cache.attend(layer, q, k, k, None)
+    k_all = cache.read_keys(1)  # (B, K, W, D)
     idx = cache.kept_positions(1)  # (B, K, W)
     kept = torch.gather(raw, 2, idx[..., None].expand(-1, -1, -1, D))  # (B, K, W, D)
     want = apply_rope(kept, cos[:W], sin[:W])  # rotated at slots 0..W-1
@@ -233,8 +246,10 @@ def test_cache_positions_rotate_keys_to_their_slot(policy):
 def test_original_positions_stop_at_the_rope_table_cache_positions_do_not():
     model, tokens = model_for(dtype=torch.float32), stream(B=1, N=80)
     cache = make("window", 16, B=1, dtype=torch.float32, positions="original")
-    with pytest.raises(KVCacheError, match="run past the model's RoPE table"):
+    with pytest.raises(ValueError, match="reach position 79, past config.max_seq_len=64"):
         stream_logits(model, tokens, cache)
+    with pytest.raises(KVCacheError, match="run past the model's RoPE table"):
+        cache.next_positions(65)
     cache = make("window", 16, B=1, dtype=torch.float32)
     logits = stream_logits(model, tokens, cache)
     assert logits.shape == (1, 80, 64) and bool(logits.isfinite().all())
@@ -343,28 +358,39 @@ def test_constructor_misuse():
         SlidingWindowCache(2, 1, 2, 8, 8, dtype=torch.int8)
 
 
-def test_make_room_misuse():
+def test_prepare_misuse_changes_nothing():
     full = make("full", 8)
     feed(full, 8)
     with pytest.raises(CacheFullError, match="a full cache never evicts: it holds 8 of 8"):
-        full.make_room(1)
+        full.prepare(1)
     sinks = make("sinks", 8)
     feed(sinks, 8)
     with pytest.raises(ValueError, match="feed at most 4 at a time"):
-        sinks.make_room(5)
+        sinks.prepare(5)
     window = make("window", 8)
     feed(window, 8)
     with pytest.raises(ValueError, match="cannot fit a budget of 8"):
-        window.make_room(9)
+        window.prepare(9)
     with pytest.raises(TypeError, match="T must be an int"):
-        window.make_room(1.0)
+        window.prepare(1.0)
     with pytest.raises(ValueError, match="T must be an int >= 1"):
-        window.make_room(0)
-    window.make_room(1)
+        window.prepare(0)
+    assert window.n_evicted == 0 and window.kept_positions(1)[0, 0].tolist() == list(range(8))
+    window.prepare(1)
     window.update(0, torch.zeros(2, 2, 1, 8, dtype=F64), torch.zeros(2, 2, 1, 8, dtype=F64))
     with pytest.raises(KVCacheError, match="layers hold different lengths"):
-        window.make_room(1)
+        window.prepare(1)
     assert window.kept_positions(1)[0, 0].tolist() == list(range(1, 8))  # unchanged
+
+
+def test_original_positions_fail_before_evicting():
+    """A step that would run past the RoPE table raises before any token is evicted."""
+    cache = SlidingWindowCache(2, 2, 2, 8, 8, positions="original", rope_len=10, dtype=F64)
+    feed(cache, 10)
+    kept = cache.kept_positions(0).clone()
+    with pytest.raises(KVCacheError, match="run past the model's RoPE table"):
+        cache.prepare(1)
+    assert cache.n_evicted == 2 and torch.equal(cache.kept_positions(0), kept)
 
 
 def test_update_misuse_leaves_the_cache_unchanged():
@@ -372,42 +398,47 @@ def test_update_misuse_leaves_the_cache_unchanged():
     feed(window, 8)
     k = torch.zeros(2, 2, 1, 8, dtype=F64)
     with pytest.raises(CacheFullError, match="would overflow"):
-        window.update(0, k, k)  # make_room first
+        window.update(0, k, k)  # prepare first
     assert window.seq_len == 8 and window.n_seen == 8
     h2o = make("h2o", 8)
-    with pytest.raises(KVCacheError, match="has no queries for layer 0"):
+    with pytest.raises(KVCacheError, match="needs the queries"):
         h2o.update(0, k, k)
     assert h2o.seq_len == 0 and h2o.n_seen == 0
-    h2o.observe_queries(0, torch.zeros(2, 4, 2, 8, dtype=F64))
-    with pytest.raises(KVCacheError, match="observed queries hold 2 tokens, the update 1"):
-        h2o.update(0, k, k)
-    with pytest.raises(KVCacheError, match=r"q must have shape \(B=2, H, T, D=8\)"):
-        h2o.observe_queries(0, torch.zeros(2, 3, 1, 8))
+    with pytest.raises(KVCacheError, match=r"q must be a float tensor of shape \(B=2, H, T=1"):
+        h2o.attend(0, torch.zeros(2, 4, 2, 8, dtype=F64), k, k, None)
+    with pytest.raises(KVCacheError, match=r"q must be a float tensor of shape \(B=2"):
+        h2o.attend(0, torch.zeros(2, 3, 1, 8, dtype=F64), k, k, None)
     with pytest.raises(IndexError, match="layer 5 out of range"):
-        h2o.observe_queries(5, torch.zeros(2, 4, 1, 8))
+        h2o.attend(5, torch.zeros(2, 4, 1, 8, dtype=F64), k, k, None)
+    assert h2o.seq_len == 0 and h2o.n_seen == 0
     with pytest.raises(KVCacheError, match="holds unpadded streams"):
         window.set_left_padding(torch.tensor([1, 0]))
-    model, h2o = model_for(), make("h2o", 8)
-    with pytest.raises(KVCacheError, match="has no queries"):
-        model(stream(N=3), h2o)  # outside watch_queries
 
 
-def test_stream_and_watch_misuse():
+def test_the_model_and_generate_drive_every_policy_unchanged():
+    """No hooks and no loop of their own: the model calls prepare, positions and attend."""
+    from kvlib.generate import generate
+
     model = model_for()
-    with pytest.raises(TypeError, match="kvlib.eviction cache"):
-        stream_logits(model, stream(), KVCache.from_config(CONFIG, 2, dtype=F64))
+    for policy in POLICIES:
+        budget = 40 if policy == "full" else 8
+        cache = make(policy, budget)
+        out = generate(model, stream(N=3), 20, cache=cache)
+        assert out.shape == (2, 23)
+        assert cache.n_seen == 22 and cache.seq_len == min(22, budget), policy
+
+
+def test_stream_misuse():
+    model = model_for()
     with pytest.raises(ValueError, match=r"tokens must have shape \(B, T\)"):
         stream_logits(model, stream()[0], make("window", 8))
     with pytest.raises(TypeError, match="model must be a kvlib Transformer, got Linear"):
         stream_logits(torch.nn.Linear(2, 2), stream(), make("window", 8))
     with pytest.raises(ValueError, match="prefill=50 is longer than the stream of 40"):
         stream_logits(model, stream(), make("window", 64), prefill=50)
-    with pytest.raises(TypeError, match="kvlib Transformer"):
-        with watch_queries(torch.nn.Linear(2, 2), make("h2o", 8)):
-            pass
+    with pytest.raises(TypeError, match="kvlib cache"):
+        stream_logits(model, stream(), object())
     cache = make("h2o", 8)
-    with watch_queries(model, cache):
-        model(stream(N=3), cache)
+    model(stream(N=3), cache)
     assert cache.seq_len == 3
-    assert all(not blk.attn.wq._forward_hooks for blk in model.layers), "hooks left behind"
     assert isinstance(cache, EvictionCache) and "budget=8" in repr(cache)

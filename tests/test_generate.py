@@ -229,7 +229,7 @@ def test_not_a_model_raises():
 
 def test_cache_too_small_raises_before_any_write(model):
     cache = KVCache.from_config(model.config, 2, 10)
-    with pytest.raises(CacheFullError, match="has 10 slots, 0 used; this call needs 12"):
+    with pytest.raises(CacheFullError, match="holds 0 of 10 slots; 12 new tokens would overflow"):
         generate(model, prompt(), 8, cache=cache)
     assert cache.seq_len == 0
 

@@ -355,7 +355,7 @@ def test_set_active_misuse():
     with pytest.raises(KeyError, match="no sequence 5"):
         cache.set_active([5])
     cache.update(0, *kv(2, 1))
-    with pytest.raises(KVCacheError, match="finish the forward pass first"):
+    with pytest.raises(KVCacheError, match="a forward pass is mid-step"):
         cache.set_active([0])
 
 
@@ -620,8 +620,9 @@ def test_attend_matches_update_then_attention():
             append(cache, k, v)
     a.set_active([0, 1, 2]), b.set_active([0, 1, 2])  # rows right-aligned: starts 4, 0, 7
     q, (k, v) = torch.randn(3, H, 1, D), kv(3, 1)
+    mask = a.valid_mask(a.seq_len + 1)[:, None, None, :]  # (B, 1, 1, S): the real slots
     for layer in range(L):
-        got = a.attend(layer, q, k, v)
+        got = a.attend(layer, q, k, v, mask)
         k_all, v_all = b.update(layer, k, v)  # (B, K, S, D), left-padded view
         want = attention(q, k_all, v_all, b.valid_mask(k_all.shape[2])[:, None, None, :])
         diff = (got - want).abs().max().item()
@@ -635,7 +636,7 @@ def test_attend_on_a_row_of_padding_gives_zeros_like_attention():
     for cache in (a, b):
         cache.set_left_padding(torch.tensor([1, 0]))  # row 0's first slot is padding
     q, (k, v) = torch.randn(2, 4, 1, D), kv(2, 1)
-    got = a.attend(0, q, k, v)
+    got = a.attend(0, q, k, v, a.valid_mask(1)[:, None, None, :])
     k_all, v_all = b.update(0, k, v)
     want = attention(q, k_all, v_all, b.valid_mask(1)[:, None, None, :])
     assert torch.equal(got[0], torch.zeros_like(got[0])) and torch.equal(want[0], got[0])
@@ -643,15 +644,19 @@ def test_attend_on_a_row_of_padding_gives_zeros_like_attention():
 
 
 def test_model_decodes_through_attend_and_matches_kvcache(model, monkeypatch):
+    import kvlib.paged
+
     calls = []
-    real = PagedKVCache.attend
-    monkeypatch.setattr(PagedKVCache, "attend", lambda self, *a: calls.append(1) or real(self, *a))
+    real = kvlib.paged.paged_attention_fused
+    monkeypatch.setattr(
+        kvlib.paged, "paged_attention_fused", lambda *a: calls.append(1) or real(*a)
+    )
     tokens, mask = left_pad([[1, 2, 3], [4, 5, 6, 7, 8, 9]])
     want = generate(model, tokens, 6, attention_mask=mask)
     cache = PagedKVCache.from_config(model.config, 2, num_blocks=16, block_size=4)
     got = generate(model, tokens, 6, attention_mask=mask, cache=cache)
     assert torch.equal(got, want)
-    assert len(calls) == 5 * model.config.n_layers  # every decode step, every layer
+    assert len(calls) == 5 * model.config.n_layers  # the fused loop: every decode step and layer
 
 
 def test_low_precision_pool_decodes_through_update(model):
@@ -659,9 +664,7 @@ def test_low_precision_pool_decodes_through_update(model):
         model.config, 1, num_blocks=8, block_size=4, dtype=torch.bfloat16
     )
     assert not cache.fused_decode
-    with pytest.raises(KVCacheError, match="attend reads float32 pools on the CPU"):
-        cache.attend(0, torch.randn(1, 4, 1, 8), *kv(1, 1, dtype=torch.bfloat16))
-    out = generate(model, torch.tensor([[1, 2, 3]]), 4, cache=cache)  # falls back to update
+    out = generate(model, torch.tensor([[1, 2, 3]]), 4, cache=cache)  # attend: update, attention
     assert out.shape == (1, 7) and cache.seq_len == 6
 
 
@@ -669,12 +672,14 @@ def test_attend_misuse_leaves_the_cache_unchanged():
     cache = PagedKVCache(pool(num_blocks=4, block_size=4), batch_size=1)
     append(cache, *kv(1, 3))
     before = snapshot(cache)
-    with pytest.raises(KVCacheError, match=r"q must be a \(B, H, 1, D\) decode query"):
-        cache.attend(0, torch.randn(1, 4, 2, D), *kv(1, 1))
-    with pytest.raises(KVCacheError, match="does not fit this cache"):
-        cache.attend(0, torch.randn(2, 4, 1, D), *kv(1, 1))
-    with pytest.raises(KVCacheError, match=r"one new token per row, k of shape \(B, K, 1, D\)"):
-        cache.attend(0, torch.randn(1, 4, 1, D), *kv(1, 2))
+    with pytest.raises(KVCacheError, match=r"q must be a float tensor of shape \(B=1, H, T=1"):
+        cache.attend(0, torch.randn(1, 4, 2, D), *kv(1, 1), None)
+    with pytest.raises(KVCacheError, match=r"q must be a float tensor of shape \(B=1"):
+        cache.attend(0, torch.randn(2, 4, 1, D), *kv(1, 1), None)
+    with pytest.raises(KVCacheError, match=r"q must be a float tensor of shape \(B=1, H, T=2"):
+        cache.attend(0, torch.randn(1, 4, 1, D), *kv(1, 2), None)
+    with pytest.raises(KVCacheError, match="the mask must be the cache's valid_mask"):
+        cache.attend(0, torch.randn(1, 4, 1, D), *kv(1, 1), torch.zeros(1, 1, 1, 4, dtype=bool))
     assert_unchanged(cache, before)
 
 

@@ -16,7 +16,7 @@ def _sink_history(n_tokens: int, budget: int, n_sink: int) -> list[list[int]]:
     k = torch.zeros(1, 1, 1, 2)  # (B, K, T, D): the values do not matter, only which slots
     history = []
     for _ in range(n_tokens):
-        cache.make_room(1)
+        cache.prepare(1)
         cache.update(0, k, k)
         history.append(cache.kept_positions(0)[0, 0].tolist())
     return history
