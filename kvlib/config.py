@@ -126,7 +126,20 @@ class ModelConfig:
         return self.vocab_size * c + self.n_layers * per_layer + c + head
 
     def replace(self, **changes) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        A field left to its default (head_dim = dim // n_heads, the Llama ffn_dim,
+        n_kv_heads = n_heads) is derived again from the new fields unless it is given.
+        """
+        derived = {
+            "head_dim": (("dim", "n_heads"), self.dim // self.n_heads),
+            "ffn_dim": (("dim",), 32 * ((int(2 * 4 * self.dim / 3) + 31) // 32)),
+            "n_kv_heads": (("n_heads",), self.n_heads),
+        }
+        for field, (sources, default) in derived.items():
+            moved = any(name in changes for name in sources)
+            if moved and field not in changes and getattr(self, field) == default:
+                changes[field] = None  # derive it again from the new fields
         return dataclasses.replace(self, **changes)
 
 

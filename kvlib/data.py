@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
+import numbers
 import re
 import zlib
 from collections import Counter, defaultdict
@@ -84,12 +85,37 @@ def save_corpus(docs: Sequence[str], path: str | Path = CORPUS_PATH) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+class AssetError(ValueError):
+    """A shipped or saved file that cannot be read: damaged, truncated or of another kind."""
+
+    def __init__(self, path: str | Path, expected: str, err: Exception) -> None:
+        super().__init__(
+            f"{path} is not {expected} ({type(err).__name__}: {err}); the file is damaged or "
+            "truncated: reinstall kvlib, or rewrite it (python -m kvlib.train / kvlib.data)"
+        )
+        self.path = Path(path)
+
+
+def read_json(path: str | Path, expected: str) -> object:
+    """The JSON value in `path`; a file that does not parse raises AssetError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (expected {expected})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AssetError(path, expected, err) from err
+
+
 def corpus_text(path: str | Path = CORPUS_PATH) -> str:
     """The shipped corpus, decompressed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} is missing (rebuild: python -m kvlib.data)")
-    return lzma.decompress(path.read_bytes()).decode("utf-8")
+    try:
+        return lzma.decompress(path.read_bytes()).decode("utf-8")
+    except (lzma.LZMAError, EOFError, UnicodeDecodeError) as err:
+        raise AssetError(path, "an xz-compressed UTF-8 corpus", err) from err
 
 
 def corpus_sha256(path: str | Path = CORPUS_PATH) -> str:
@@ -242,9 +268,13 @@ class BPETokenizer:
                 raise ValueError(
                     f"decode takes a 1-D sequence of ids, got shape {tuple(ids.shape)}"
                 )
+            if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+                raise TypeError(f"token ids must be integers, got a {ids.dtype} tensor")
             ids = ids.tolist()
         parts, buf = [], bytearray()
         for i in ids:
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+                raise TypeError(f"token ids must be integers, got {i!r}")
             i = int(i)
             if i == self.eot_id:
                 parts.append(buf.decode("utf-8", "surrogatepass" if _valid(buf) else "replace"))
@@ -275,8 +305,8 @@ class BPETokenizer:
     @classmethod
     def load(cls, path: str | Path = TOKENIZER_PATH) -> BPETokenizer:
         """Read a tokenizer written by `save`."""
-        data = json.loads(Path(path).read_text())
-        if data.get("type") != "byte-bpe" or "merges" not in data:
+        data = read_json(path, "a tokenizer written by BPETokenizer.save")
+        if not isinstance(data, dict) or data.get("type") != "byte-bpe" or "merges" not in data:
             raise ValueError(f"{path} is not a byte-bpe tokenizer file (expected type 'byte-bpe')")
         if data.get("pieces") != PIECE_RE.pattern:
             raise ValueError(

@@ -87,7 +87,9 @@ def next_token(
 # ---- checks ------------------------------------------------------------------------------------
 
 
-def _check_args(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, seed):
+def _check_args(
+    model, prompt, max_new_tokens, temperature, top_k, top_p, generator, seed, eos_token_id
+):
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
     check_tokens(prompt, model.config.vocab_size, "prompt")
@@ -111,6 +113,12 @@ def _check_args(model, prompt, max_new_tokens, temperature, top_k, top_p, genera
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
+    if eos_token_id is not None:
+        V = model.config.vocab_size
+        if not isinstance(eos_token_id, int) or isinstance(eos_token_id, bool):
+            raise TypeError(f"eos_token_id must be None or an int, got {eos_token_id!r}")
+        if not 0 <= eos_token_id < V:
+            raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {V})")
 
 
 # ---- generate ----------------------------------------------------------------------------------
@@ -143,7 +151,9 @@ def generate(
     holding a prefix of `prompt`'s rows) is used, else a `KVCache` of `cache_dtype`
     (default: the model's dtype) is allocated for exactly T + max_new_tokens slots.
     """
-    _check_args(model, prompt, max_new_tokens, temperature, top_k, top_p, generator, seed)
+    _check_args(
+        model, prompt, max_new_tokens, temperature, top_k, top_p, generator, seed, eos_token_id
+    )
     B, T = prompt.shape
     device = model.device
     prompt = prompt.to(device)

@@ -23,11 +23,23 @@ This module never imports `transformers`: a model is read through `.config` and
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 import torch
 
 from kvlib.config import ModelConfig
 from kvlib.transformer import Transformer, check_state_dict
+
+# The fields of a Hugging Face Llama config that a kvlib ModelConfig needs.
+_HF_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "rms_norm_eps",
+)
 
 
 class WeightLoadError(ValueError):
@@ -48,7 +60,10 @@ _LAYER_NAMES = {
 
 
 def config_from_hf(hf_config) -> ModelConfig:
-    """A kvlib `ModelConfig` from a `transformers.LlamaConfig` (or an object with its fields)."""
+    """A kvlib `ModelConfig` from a `transformers.LlamaConfig`, an object with its fields, or
+    a dict of them (a checkpoint's config.json)."""
+    if isinstance(hf_config, Mapping):
+        hf_config = SimpleNamespace(**hf_config)
     model_type = getattr(hf_config, "model_type", "llama")
     if model_type != "llama":
         raise ValueError(f"only Llama-architecture configs load, got model_type={model_type!r}")
@@ -63,6 +78,12 @@ def config_from_hf(hf_config) -> ModelConfig:
     rope_type = rope.get("rope_type", (legacy or {}).get("rope_type", "default"))
     if rope_type != "default":
         raise ValueError(f"only plain RoPE is supported, this config uses rope_type={rope_type!r}")
+    missing = [name for name in _HF_REQUIRED if not hasattr(hf_config, name)]
+    if missing:
+        raise ValueError(
+            f"a Llama config needs the fields {list(_HF_REQUIRED)}; "
+            f"{type(hf_config).__name__} lacks {missing}"
+        )
     theta = getattr(hf_config, "rope_theta", None) or rope.get("rope_theta", 10000.0)
     return ModelConfig(
         vocab_size=hf_config.vocab_size,

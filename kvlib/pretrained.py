@@ -10,13 +10,12 @@ Shapes: the model maps tokens (B, T) int64 to logits (B, T, V), V = tokenizer.vo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from kvlib.config import ModelConfig
-from kvlib.data import DATA_DIR, BPETokenizer
+from kvlib.data import DATA_DIR, BPETokenizer, read_json
 from kvlib.train import CONFIG_FILE, load_weights
 from kvlib.transformer import Transformer
 
@@ -28,9 +27,9 @@ def _read_config(path: Path) -> dict:
             f"no {CONFIG_FILE} in {path}: train a model there first (python -m kvlib.train "
             f"--out {path})"
         )
-    meta = json.loads(config_path.read_text())
+    meta = read_json(config_path, "the config.json written by kvlib.train")
     for key in ("model", "weights", "tokenizer"):
-        if key not in meta:
+        if not isinstance(meta, dict) or key not in meta:
             raise ValueError(f"{config_path} has no '{key}' entry (not written by kvlib.train?)")
     return meta
 

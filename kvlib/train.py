@@ -38,6 +38,7 @@ from kvlib.config import ModelConfig
 from kvlib.data import (
     CORPUS_PATH,
     DATA_DIR,
+    AssetError,
     BPETokenizer,
     corpus_sha256,
     load_corpus,
@@ -147,7 +148,12 @@ def save_model(model: Transformer, out: Path) -> None:
 
 def load_weights(model: Transformer, path: Path) -> None:
     """Load float16 safetensors into `model` (any dtype/device), strictly."""
-    state = load_file(str(path))
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is missing (expected safetensors weights)")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        raise AssetError(path, "a safetensors file of weights", err) from err
     check_state_dict(state, model.config, source=str(path))  # tied weights are stored once
     if model.config.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]

@@ -247,3 +247,17 @@ def test_crop_into_padding_then_append_counts_new_tokens():
         cache.update(layer, *kv(1))
     assert cache.lengths.tolist() == [4, 2, 1]
     assert cache.valid_mask(4)[2].tolist() == [False, False, False, True]
+
+
+def test_sizes_are_refused_not_replaced():
+    config = tiny()
+    with pytest.raises(KVCacheError, match="max_seq_len must be an int >= 1, got 0"):
+        KVCache.from_config(config, 1, 0)
+    with pytest.raises(KVCacheError, match="max_seq_len must be an int >= 1, got 0"):
+        ConcatKVCache(2, 1, 2, 8, 0)
+    cache = KVCache.from_config(config, 2, 8)
+    with pytest.raises(KVCacheError, match=r"n_pad \[9, 0\] runs past the capacity of 8"):
+        cache.set_left_padding(torch.tensor([9, 0]))
+    assert cache.start.tolist() == [0, 0]
+    with pytest.raises(KVCacheError, match="must be an integer tensor"):
+        cache.set_left_padding([1, 0])

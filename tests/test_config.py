@@ -98,3 +98,14 @@ def test_dtype_bytes_rejects_non_dtype():
 def test_unknown_model_suggests_closest():
     with pytest.raises(KeyError, match="did you mean Llama-2-7B"):
         get_model("Lama-2-7X")
+
+
+def test_replace_derives_defaults_again_unless_given():
+    cfg = ModelConfig(vocab_size=100, dim=64, n_layers=2, n_heads=8)  # head_dim 8, ffn 192, MHA
+    wider = cfg.replace(dim=128)
+    assert (wider.head_dim, wider.ffn_dim, wider.n_kv_heads) == (16, 352, 8)
+    assert cfg.replace(n_heads=4).n_kv_heads == 4  # MHA stays MHA
+    explicit = ModelConfig(vocab_size=100, dim=64, n_layers=2, n_heads=8, head_dim=32)
+    assert explicit.replace(dim=128).head_dim == 32  # a value that was given is kept
+    assert cfg.replace(dim=128, head_dim=4).head_dim == 4
+    assert cfg.replace(n_layers=3).head_dim == 8  # unrelated changes leave it alone

@@ -259,3 +259,24 @@ def test_unigram_baseline_matches_counts():
     want = -(torch.log(torch.tensor(3 / 8)) + torch.log(torch.tensor(2 / 8))) / 2
     got = unigram_loss(train, val, 4)
     assert abs(got - float(want)) < 1e-6, f"max diff {abs(got - float(want))}"
+
+
+def test_decode_refuses_ids_that_are_not_integers():
+    tok = BPETokenizer.load()
+    with pytest.raises(TypeError, match="token ids must be integers, got 1.5"):
+        tok.decode([1.5, 2.0])
+    with pytest.raises(TypeError, match="torch.float32 tensor"):
+        tok.decode(torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="token ids must be integers, got True"):
+        tok.decode([True])
+    assert tok.decode(torch.tensor([72, 105])) == tok.decode([72, 105])
+
+
+def test_a_truncated_corpus_names_the_file(tmp_path):
+    from kvlib.data import AssetError, corpus_text
+
+    damaged = tmp_path / "corpus.txt.xz"
+    damaged.write_bytes(CORPUS_PATH.read_bytes()[:1000])
+    with pytest.raises(AssetError, match="xz-compressed UTF-8 corpus") as info:
+        corpus_text(damaged)
+    assert str(damaged) in str(info.value)

@@ -273,3 +273,11 @@ def test_check_greedy_loop_accepts_right_and_rejects_wrong():
         check_greedy_loop(refeeds_everything)
     with pytest.raises(AssertionError, match="expected shape"):
         check_greedy_loop(lambda model, x, n: x)
+
+
+def test_eos_outside_the_vocabulary_is_refused(model):
+    for eos in (64, -1):
+        with pytest.raises(ValueError, match=f"eos_token_id={eos} is outside the vocabulary"):
+            generate(model, prompt(), 3, eos_token_id=eos)
+    with pytest.raises(TypeError, match="eos_token_id must be None or an int"):
+        generate(model, prompt(), 3, eos_token_id=1.0)

@@ -223,3 +223,11 @@ def test_non_llama_config_raises():
         ValueError, match="only Llama-architecture configs load, got model_type='mistral'"
     ):
         config_from_hf(config)
+
+
+def test_config_from_a_dict_equals_config_from_the_object():
+    hf_config = hf_llama().config
+    assert config_from_hf(hf_config.to_dict()) == config_from_hf(hf_config)
+    assert config_from_hf(hf_config.to_dict()).vocab_size == hf_config.vocab_size == 96
+    with pytest.raises(ValueError, match=r"lacks \['hidden_size'\]"):
+        config_from_hf({k: v for k, v in hf_config.to_dict().items() if k != "hidden_size"})

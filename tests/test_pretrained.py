@@ -117,3 +117,24 @@ def test_incomplete_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model": {}}))
     with pytest.raises(ValueError, match="has no 'weights' entry"):
         load_pretrained(path=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "expected"),
+    [
+        ("model.safetensors", lambda b: b[: len(b) // 2], "safetensors file of weights"),
+        ("tokenizer.json", lambda b: b[:100], "tokenizer written by BPETokenizer.save"),
+        ("config.json", lambda b: b"{not json", "config.json written by kvlib.train"),
+    ],
+)
+def test_a_damaged_asset_names_the_file(tmp_path, name, damage, expected):
+    from kvlib.data import AssetError
+
+    folder = tmp_path / "model"
+    shutil.copytree(DATA_DIR, folder)
+    target = folder / name
+    assert target.is_file(), f"{name} is not among the shipped assets"
+    target.write_bytes(damage(target.read_bytes()))
+    with pytest.raises(AssetError, match=expected) as info:
+        load_pretrained(path=folder)
+    assert str(target) in str(info.value) and info.value.path == target
