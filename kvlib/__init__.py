@@ -4,7 +4,7 @@ The public names the chapters use are importable from here; every submodule is o
 (see the module docstrings for the shapes each one uses).
 """
 
-from kvlib.cache import CacheFullError, ConcatKVCache, KVCache, KVCacheError
+from kvlib.cache import Cache, CacheFullError, ConcatKVCache, KVCache, KVCacheError
 from kvlib.config import ConfigError, ModelConfig
 from kvlib.generate import generate
 from kvlib.pretrained import load_pretrained
@@ -13,6 +13,7 @@ from kvlib.transformer import Transformer
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cache",
     "CacheFullError",
     "ConcatKVCache",
     "ConfigError",

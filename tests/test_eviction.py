@@ -19,7 +19,7 @@ from kvlib.eviction import (
     SlidingWindowCache,
     attention_received,
 )
-from kvlib.generate import teacher_forced_logits as stream_logits
+from kvlib.generate import teacher_forced_logits
 from kvlib.transformer import apply_rope, rope_tables
 from tests.models import model_for as make_model
 
@@ -71,7 +71,7 @@ def test_window_and_sinks_keep_exactly_their_tokens(budget, N, T, n_sink):
     if n_held is not None:
         assert got == list(range(N)), got
     else:
-        # the last make_room freed room for the final chunk of t tokens
+        # the last prepare freed room for the final chunk of t tokens
         assert got == list(range(N - len(got), N)) and budget - T <= len(got) <= budget, got
     if n_sink >= budget:
         return
@@ -158,10 +158,12 @@ def test_h2o_keeps_recent_and_heaviest_tokens_like_a_reference(n_recent):
 @pytest.mark.parametrize("prefill", [None, 1, 7])
 def test_budget_covering_the_stream_equals_the_full_cache_exactly(policy, positions, prefill):
     model, tokens = model_for(), stream(N=30)
-    full = stream_logits(model, tokens, make("full", 30, positions=positions), prefill=prefill)
+    full = teacher_forced_logits(
+        model, tokens, make("full", 30, positions=positions), prefill=prefill
+    )
     for budget in (30, 48):
         cache = make(policy, budget, positions=positions)
-        got = stream_logits(model, tokens, cache, prefill=prefill)
+        got = teacher_forced_logits(model, tokens, cache, prefill=prefill)
         diff = (got - full).abs().max().item()
         # Exact on every CPU: with nothing evicted the cache returns the same slots in the same
         # (B, K, S, D) shapes as the full cache, so the model runs the same ops on the same data.
@@ -172,7 +174,7 @@ def test_budget_covering_the_stream_equals_the_full_cache_exactly(policy, positi
 def test_full_cache_equals_kvcache_and_the_uncached_model():
     model, tokens = model_for(), stream(N=30)
     full = FullCache.from_config(CONFIG, 30, 2, dtype=F64)
-    got = stream_logits(model, tokens, full, prefill=5)
+    got = teacher_forced_logits(model, tokens, full, prefill=5)
     kv = KVCache.from_config(CONFIG, 2, 30, dtype=F64)
     want = [model(tokens[:, :5], kv)] + [model(tokens[:, i : i + 1], kv) for i in range(5, 30)]
     want = torch.cat(want, dim=1).float()
@@ -207,7 +209,7 @@ def test_original_positions_equal_a_masked_full_forward_pass(policy):
     """With stream positions, a window (with sinks) is exactly a sliding-window attention mask."""
     model, tokens, W, N = model_for(), stream(N=50), 12, 50
     cache = make(policy, W, positions="original")
-    got = stream_logits(model, tokens, cache)
+    got = teacher_forced_logits(model, tokens, cache)
     if policy == "window":
         mask = sliding_window_mask(N, N, W)  # (N, N): the last W keys
     else:  # 4 sinks + the last W - 4 keys
@@ -247,11 +249,11 @@ def test_original_positions_stop_at_the_rope_table_cache_positions_do_not():
     model, tokens = model_for(dtype=torch.float32), stream(B=1, N=80)
     cache = make("window", 16, B=1, dtype=torch.float32, positions="original")
     with pytest.raises(ValueError, match="reach position 79, past config.max_seq_len=64"):
-        stream_logits(model, tokens, cache)
+        teacher_forced_logits(model, tokens, cache)
     with pytest.raises(KVCacheError, match="run past the model's RoPE table"):
         cache.next_positions(65)
     cache = make("window", 16, B=1, dtype=torch.float32)
-    logits = stream_logits(model, tokens, cache)
+    logits = teacher_forced_logits(model, tokens, cache)
     assert logits.shape == (1, 80, 64) and bool(logits.isfinite().all())
     assert cache.next_positions(1).tolist() == [[16]]
 
@@ -292,7 +294,7 @@ def test_h2o_scores_equal_the_models_attention_weights(positions):
     cos, sin = rope_tables(D, N, CONFIG.rope_theta)
     cos, sin = cos.double(), sin.double()
     cache = make("h2o", N, positions=positions)
-    stream_logits(model, tokens, cache, prefill=4)
+    teacher_forced_logits(model, tokens, cache, prefill=4)
     for layer in range(L):
         q = apply_rope(seen["q", layer].view(2, N, H, D).transpose(1, 2), cos, sin)  # (B,H,N,D)
         k = apply_rope(seen["k", layer].view(2, N, K, D).transpose(1, 2), cos, sin)  # (B,K,N,D)
@@ -306,7 +308,7 @@ def test_h2o_scores_equal_the_models_attention_weights(positions):
 def test_h2o_evicts_in_every_layer_and_head_independently():
     model, tokens = model_for(dtype=torch.float32), stream(N=60)
     cache = make("h2o", 16, dtype=torch.float32, n_recent=4)
-    stream_logits(model, tokens, cache)
+    teacher_forced_logits(model, tokens, cache)
     kept = [cache.kept_positions(layer) for layer in range(CONFIG.n_layers)]
     for got in kept:
         assert got.shape == (2, CONFIG.n_kv_heads, 16)
@@ -431,13 +433,13 @@ def test_the_model_and_generate_drive_every_policy_unchanged():
 def test_stream_misuse():
     model = model_for()
     with pytest.raises(ValueError, match=r"tokens must have shape \(B, T\)"):
-        stream_logits(model, stream()[0], make("window", 8))
+        teacher_forced_logits(model, stream()[0], make("window", 8))
     with pytest.raises(TypeError, match="model must be a kvlib Transformer, got Linear"):
-        stream_logits(torch.nn.Linear(2, 2), stream(), make("window", 8))
+        teacher_forced_logits(torch.nn.Linear(2, 2), stream(), make("window", 8))
     with pytest.raises(ValueError, match="prefill=50 is longer than the stream of 40"):
-        stream_logits(model, stream(), make("window", 64), prefill=50)
+        teacher_forced_logits(model, stream(), make("window", 64), prefill=50)
     with pytest.raises(TypeError, match="kvlib cache"):
-        stream_logits(model, stream(), object())
+        teacher_forced_logits(model, stream(), object())
     cache = make("h2o", 8)
     model(stream(N=3), cache)
     assert cache.seq_len == 3
