@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from kvlib.attention import _acc_dtype, _check_mask, _check_qkv
-from kvlib.cache import Cache, KVCacheError
+from kvlib.cache import KVCacheError
 from kvlib.config import check_int
 from kvlib.transformer import Transformer, check_tokens, left_padding
 
@@ -160,19 +160,7 @@ def chunked_prefill(
     check_tokens(tokens, model.config.vocab_size)
     check_int("chunk_size", chunk_size)
     B, T = tokens.shape
-    if not isinstance(cache, Cache):
-        raise TypeError(
-            f"cache must be a kvlib cache (a kvlib.cache.Cache), got {type(cache).__name__}"
-        )
-    cache.check_config(model.config)
-    if cache.batch_size != B:
-        raise KVCacheError(f"cache holds {cache.batch_size} rows, tokens have B={B}")
-    cache.check_room(T)
-    if cache.max_position(T) >= model.config.max_seq_len:
-        raise ValueError(
-            f"the cache holds {cache.seq_len} tokens and {T} more would reach position "
-            f"{cache.max_position(T)}, past config.max_seq_len={model.config.max_seq_len}"
-        )
+    model.check_cache(cache, B, T)
     n_pad = None
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):

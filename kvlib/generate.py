@@ -175,7 +175,7 @@ def generate(
             )
         elif cache_dtype is not None:
             raise ValueError("pass cache_dtype or a ready-made cache, not both")
-        _check_cache(model, cache, B, T + max_new_tokens - 1)  # the last token is not fed
+        model.check_cache(cache, B, T + max_new_tokens - 1)  # the last token is not fed
 
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # (B, T + n)
     out[:, :T] = prompt
@@ -236,7 +236,7 @@ def teacher_forced_logits(
         raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
     check_tokens(tokens, model.config.vocab_size)  # (B, N): the whole stream
     B, N = tokens.shape
-    _check_cache(model, cache, B, N)
+    model.check_cache(cache, B, N)
     room = N if cache.capacity is None else cache.capacity - cache.seq_len
     first = max(1, min(N, room)) if prefill is None else prefill
     check_int("prefill", first, 1)
@@ -255,21 +255,3 @@ def teacher_forced_logits(
         cache.rollback(state)
         raise
     return out
-
-
-def _check_cache(model: Transformer, cache: Cache, B: int, n_fed: int) -> None:
-    """Raise unless `cache` fits the model, B rows, and n_fed more tokens fed through it."""
-    if not isinstance(cache, Cache):
-        raise TypeError(
-            f"cache must be a kvlib cache (a kvlib.cache.Cache), got {type(cache).__name__}"
-        )
-    cache.check_config(model.config)
-    if cache.batch_size != B:
-        raise ValueError(f"cache holds {cache.batch_size} rows, the tokens have B={B}")
-    cache.check_room(n_fed)
-    last = cache.max_position(n_fed)
-    if last >= model.config.max_seq_len:
-        raise ValueError(
-            f"the cache holds {cache.seq_len} tokens; feeding {n_fed} more would reach "
-            f"position {last}, past config.max_seq_len={model.config.max_seq_len}"
-        )

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlib.attention import _attention, causal_mask
-from kvlib.cache import Cache, position_ids
+from kvlib.cache import Cache, KVCacheError, position_ids
 from kvlib.config import ModelConfig
 
 # ---- building blocks ---------------------------------------------------------------------------
@@ -330,15 +330,25 @@ class Transformer(nn.Module):
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         check_tokens(tokens, self.config.vocab_size)
 
-    def _check_cache(self, cache: Cache, B: int) -> None:
-        """Raise unless `cache` is a kvlib cache shaped for this model and B rows."""
+    def check_cache(self, cache: Cache, B: int, n_fed: int = 0) -> None:
+        """Raise unless `cache` is a kvlib cache shaped for this model and B rows, with room
+        and positions for `n_fed` more tokens (the checks generate and chunked prefill make
+        before a run of several forward passes)."""
         if not isinstance(cache, Cache):
             raise TypeError(
                 f"cache must be a kvlib cache (a kvlib.cache.Cache), got {type(cache).__name__}"
             )
         cache.check_config(self.config)
         if cache.batch_size != B:
-            raise ValueError(f"cache holds {cache.batch_size} rows, tokens have B={B}")
+            raise KVCacheError(f"cache holds {cache.batch_size} rows, tokens have B={B}")
+        if n_fed:
+            cache.check_room(n_fed)
+            last = cache.max_position(n_fed)
+            if last >= self.config.max_seq_len:
+                raise ValueError(
+                    f"the cache holds {cache.seq_len} tokens; feeding {n_fed} more would reach "
+                    f"position {last}, past config.max_seq_len={self.config.max_seq_len}"
+                )
 
     def _check_padding(
         self, attention_mask: torch.Tensor | None, B: int, T: int, S0: int
@@ -398,7 +408,7 @@ class Transformer(nn.Module):
         self._check_tokens(tokens)
         B, T = tokens.shape
         if cache is not None:
-            self._check_cache(cache, B)
+            self.check_cache(cache, B)
         S0 = 0 if cache is None else cache.seq_len
         n_pad = self._check_padding(attention_mask, B, T, S0)
         if position_ids is not None:
