@@ -687,3 +687,19 @@ def test_set_active_rejects_a_repeated_sequence():
     cache = PagedKVCache(pool(), batch_size=2)
     with pytest.raises(KVCacheError, match=r"sequence ids repeat in \[0, 0\]"):
         cache.set_active([0, 0])
+
+
+def test_out_of_blocks_on_a_padded_batch_leaves_no_padding(model):
+    """The pool runs out while a left-padded prompt is written: padding, tables and the free
+    list are all as before, and the next ordinary forward pass is right."""
+    tokens, mask = left_pad([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]])
+    cache = PagedKVCache.from_config(model.config, 2, num_blocks=2, block_size=4)
+    with pytest.raises(OutOfBlocksError, match="nothing was written"):
+        model(tokens, cache, mask)
+    assert cache.start.tolist() == [0, 0] and cache.seq_len == 0
+    assert cache.allocator.num_free == 2
+    check_refcounts(cache)
+    x = torch.tensor([[1, 2], [3, 4]])
+    with torch.no_grad():
+        got, want = model(x, cache), model(x)
+    assert (got - want).abs().max().item() < 1e-5
