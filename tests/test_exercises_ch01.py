@@ -5,6 +5,7 @@ from kvlib import KVCache
 from kvlib.config import tiny
 from kvlib.exercises.ch01 import check_bytes_per_token, check_concat_copies, check_rollback
 from kvlib.memory import MODELS
+from tests.answers import assert_hints_hide, assert_not_revealed, failures
 
 
 def test_bytes_per_token_accepts_right_and_rejects_wrong(capsys):
@@ -43,7 +44,7 @@ def _spec_and_reference():
 
 def test_rollback():
     spec, ref = _spec_and_reference()
-    with pytest.raises(AssertionError, match="should hold 14"):
+    with pytest.raises(AssertionError, match="16 tokens, too many"):
         check_rollback(spec, 14, ref)
     spec.crop(14)
     check_rollback(spec, 14, ref)
@@ -52,3 +53,44 @@ def test_rollback():
         spec.update(layer, *(torch.zeros(1, spec.n_kv_heads, 14, spec.head_dim),) * 2)
     with pytest.raises(AssertionError, match="kept tokens changed"):
         check_rollback(spec, 14, ref)
+
+
+# ---- the checks never print the expected answer ------------------------------------------------
+def test_bytes_per_token_hides_the_answer(capsys):
+    cfg = MODELS["Llama-3-8B"]
+    right = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2
+    check_bytes_per_token(right, "Llama-3-8B", torch.bfloat16)
+    assert_not_revealed(capsys.readouterr().out, right)
+    hints = failures(
+        *(
+            lambda wrong=wrong: check_bytes_per_token(wrong, "Llama-3-8B", torch.bfloat16)
+            for wrong in (right // 2, right * cfg.group_size, right + 1, float(right))
+        )
+    )
+    assert "half the right one" in hints[0]
+    assert f"{cfg.group_size}x too large" in hints[1]
+    assert_hints_hide(hints, right)
+
+
+def test_concat_copies_hides_the_answer(capsys):
+    n, e = 1000, 1024
+    right = e * n * (n + 1) // 2
+    check_concat_copies(right, n_steps=n, elements_per_token=e)
+    assert_not_revealed(capsys.readouterr().out, right)
+    hints = failures(
+        lambda: check_concat_copies(n * e, n_steps=n, elements_per_token=e),
+        lambda: check_concat_copies(right - e, n_steps=n, elements_per_token=e),
+    )
+    assert_hints_hide(hints, right)
+
+
+def test_rollback_hides_the_answer(capsys):
+    spec, ref = _spec_and_reference()
+    too_long = failures(lambda: check_rollback(spec, 14, ref))
+    spec.crop(14)
+    check_rollback(spec, 14, ref)
+    assert_not_revealed(capsys.readouterr().out, 14)
+    spec.crop(12)
+    too_short = failures(lambda: check_rollback(spec, 14, ref))
+    assert "too few" in too_short[0]
+    assert_hints_hide(too_long + too_short, 14)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvlib.attention import attention, causal_mask
 from kvlib.exercises.ch02 import (
+    MASK_SIZES,
     check_causal_mask,
     check_decode_step,
     check_padded_causal_mask,
 )
+from tests.answers import assert_hints_hide, assert_not_revealed, failures
 
 
 # ---- check_causal_mask -----------------------------------------------------------------------
@@ -109,3 +112,40 @@ def test_decode_step_rejects_wrong_answers():
         check_decode_step(right.numpy(), q, k, v)
     with pytest.raises(AssertionError, match="out differs"):
         check_decode_step(right + 1e-3, q, k, v)
+
+
+# ---- the checks never print the expected answer ------------------------------------------------
+def test_causal_mask_hides_the_answer(capsys):
+    masks = [causal_mask(T, S) for T, S in MASK_SIZES if T]
+    check_causal_mask(bottom_right)
+    assert_not_revealed(capsys.readouterr().out, *masks)
+    hints = failures(
+        lambda: check_causal_mask(lambda T, S: torch.ones(T, S, dtype=torch.bool).tril()),
+        lambda: check_causal_mask(lambda T, S: torch.ones(T, S, dtype=torch.bool).tril(S - T - 1)),
+        lambda: check_causal_mask(lambda T, S: bottom_right(T, S)[:, 1:]),
+    )
+    assert_hints_hide(hints, *masks)
+
+
+def test_padded_causal_mask_hides_the_answer(capsys):
+    right = padded_causal(N_PAD, 6, 6)
+    check_padded_causal_mask(right, N_PAD, 6, 6)
+    assert_not_revealed(capsys.readouterr().out, right, right[0, 0])
+    hints = failures(
+        lambda: check_padded_causal_mask(padded_causal(N_PAD * 0, 6, 6), N_PAD, 6, 6),
+        lambda: check_padded_causal_mask(right.transpose(-1, -2), N_PAD, 6, 6),
+    )
+    assert_hints_hide(hints, right, right[0, 0])
+
+
+def test_decode_step_hides_the_answer(capsys):
+    q, k, v = decode_inputs()
+    right = attention(q, k, v)  # (B, H, 1, D)
+    check_decode_step(right, q, k, v)
+    values = [right, right[0, 0, 0], right[0, 0, 0, 0].item()]
+    assert_not_revealed(capsys.readouterr().out, *values)
+    hints = failures(
+        lambda: check_decode_step(by_hand(q, k, v, lambda h: h % 2, 16**-0.5), q, k, v),
+        lambda: check_decode_step(right + 1e-3, q, k, v),
+    )
+    assert_hints_hide(hints, *values)

@@ -18,15 +18,19 @@ def check_bytes_per_token(
     expect(
         isinstance(answer, int), f"answer with an int number of bytes, not {type(answer).__name__}"
     )
-    expect(answer != expected // 2, "K and V are both cached: count 2 tensors per layer")
+    expect(
+        answer != expected // 2,
+        "your answer is half the right one: K and V are both cached, count 2 tensors per layer",
+    )
     expect(
         answer != expected * config.group_size,
-        f"{model} uses GQA: the cache holds n_kv_heads={config.n_kv_heads} heads, not n_heads",
+        f"your answer is {config.group_size}x too large: {model} uses GQA, the cache holds "
+        f"n_kv_heads={config.n_kv_heads} heads, not n_heads",
     )
     expect(
         answer == expected, f"{answer:,} bytes is not right: use 2 * L * K * D * bytes per element"
     )
-    correct(f"{model} caches {expected:,} bytes per token in {dtype}")
+    correct(f"your bytes per token for {model} in {dtype} match kvlib.memory")
 
 
 def check_concat_copies(answer: int, n_steps: int, elements_per_token: int) -> None:
@@ -41,17 +45,26 @@ def check_concat_copies(answer: int, n_steps: int, elements_per_token: int) -> N
         "that is what the preallocated cache writes; torch.cat copies the history every step",
     )
     expect(answer == expected, f"{answer:,} is not right: step i copies i tokens")
-    correct(f"{expected:,} elements copied, against {n_steps * elements_per_token:,} preallocated")
+    correct(
+        f"your count matches what torch.cat copies over {n_steps} steps; a preallocated cache "
+        "writes each element once"
+    )
 
 
 def check_rollback(cache: KVCache, accepted_len: int, reference: KVCache) -> None:
     """`cache` was rolled back to the `accepted_len` tokens that `reference` holds."""
     expect(
+        cache.seq_len <= accepted_len,
+        f"the cache still holds {cache.seq_len} tokens, too many: keep the prompt and the "
+        "accepted draft tokens, crop the rejected ones",
+    )
+    expect(
         cache.seq_len == accepted_len,
-        f"the cache holds {cache.seq_len} tokens; it should hold {accepted_len}",
+        f"the cache holds {cache.seq_len} tokens, too few: the prompt and the accepted draft "
+        "tokens should stay",
     )
     for layer in range(cache.n_layers):
         n = accepted_len
         same = torch.equal(cache.keys[layer][:, :, :n], reference.keys[layer][:, :, :n])
         expect(same, f"layer {layer}: the kept tokens changed; crop should not touch them")
-    correct(f"rolled back to {accepted_len} tokens")
+    correct("your cache holds exactly the prompt and the accepted tokens, unchanged")

@@ -19,18 +19,20 @@ def check_cached_floats(n_cached_floats: int, config: ModelConfig, batch: int, t
     )
     expect(
         n_cached_floats != batch * tokens * config.n_layers * config.n_kv_heads * config.head_dim,
-        "that counts only the keys (or only the values): the cache holds both",
+        "your count is half the right one: that counts only the keys (or only the values), the "
+        "cache holds both",
     )
     expect(
         n_cached_floats != 2 * batch * tokens * config.n_layers * config.n_heads * config.head_dim
         or config.n_heads == config.n_kv_heads,
-        "with grouped-query attention the cache holds K kv heads per layer, not H query heads",
+        f"your count is {config.group_size}x too large: with grouped-query attention the cache "
+        "holds K kv heads per layer, not H query heads",
     )
     expect(
         n_cached_floats == expected,
         "count B * T tokens, each with a key and a value vector of D numbers per kv head per layer",
     )
-    correct(f"{n_cached_floats} numbers = B * T * 2 * L * K * D")
+    correct(f"your count for batch {batch} and {tokens} tokens matches B * T * 2 * L * K * D")
 
 
 def check_greedy_loop(greedy: Callable, n_new: int = 12) -> None:
@@ -83,4 +85,7 @@ def check_nucleus_size(nucleus_size: int, prompt: str = "Life is", top_p: float 
         f"{nucleus_size} is not right: sort the probabilities (softmax of the logits, temperature "
         f"1) in decreasing order and count tokens until their sum reaches {top_p}",
     )
-    correct(f"top_p={top_p} keeps {expected} of {logits.shape[-1]} tokens after {prompt!r}")
+    correct(
+        f"your nucleus size for top_p={top_p} after {prompt!r} matches what "
+        "kvlib.generate.filter_logits keeps"
+    )

@@ -21,16 +21,26 @@ def check_position_ids(positions: Callable[[torch.Tensor], torch.Tensor]) -> Non
         got = positions(mask)
         expect(isinstance(got, torch.Tensor), f"return a tensor, got {type(got).__name__}")
         expect(
-            tuple(got.shape) == tuple(expected.shape),
-            f"for lengths {lengths} expected shape {tuple(expected.shape)}, got {tuple(got.shape)}",
+            tuple(got.shape) == tuple(mask.shape),
+            f"for lengths {lengths} the positions should have the mask's shape "
+            f"{tuple(mask.shape)}, got {tuple(got.shape)}",
         )
         real = mask.bool()
+        differ = [
+            b
+            for b in range(len(lengths))
+            if not torch.equal(got[b][real[b]].long(), expected[b][real[b]])
+        ]
         expect(
-            torch.equal(got[real].long(), expected[real]),
+            not differ,
             f"for lengths {lengths} the real tokens should be numbered from 0 in each row; "
-            f"expected {expected.tolist()}, got {got.tolist()}",
+            f"your positions {got.tolist()} are wrong in row {differ[0] if differ else 0} "
+            "(padding slots may hold anything)",
         )
-    correct("each row's real tokens are numbered 0, 1, ... whatever its padding")
+    correct(
+        f"your positions number each row's real tokens 0, 1, ... whatever its padding, in all "
+        f"{len(cases)} batches tried"
+    )
 
 
 def check_padding_waste(waste: float, lengths: Sequence[int]) -> None:
@@ -48,4 +58,7 @@ def check_padding_waste(waste: float, lengths: Sequence[int]) -> None:
         abs(waste - expected) < 1e-9,
         "the batch is B rows of max(lengths) slots; padding = slots - sum(lengths)",
     )
-    correct(f"{waste:.1%} of the slots are padding")
+    correct(
+        f"your padding fraction for lengths {list(lengths)} matches: every row is padded to the "
+        "longest prompt"
+    )

@@ -32,12 +32,15 @@ def check_wasted_slots(
     expected = (cache.nbytes_allocated - cache.nbytes_used) // token_bytes
     full = sum(-(-n // block_size) for n in lengths) * block_size
     expect(answer >= 0, "a count of empty slots cannot be negative")
-    expect(answer != full, f"{full} is every allocated slot; subtract the slots holding tokens")
+    expect(answer != full, f"{answer} is every allocated slot; subtract the slots holding tokens")
     expect(
         answer == expected,
         f"{answer} is not right: each sequence wastes only the empty part of its last block",
     )
-    correct(f"{expected} of {full} allocated slots are empty (the last block of each sequence)")
+    correct(
+        "your count of empty slots matches the paged cache's: only the last block of each "
+        "sequence has any"
+    )
 
 
 def check_blocks_after_fork(
@@ -58,19 +61,22 @@ def check_blocks_after_fork(
     partial = prompt_len % block_size != 0
     expect(
         answer != prompt_blocks * n_samples,
-        "the samples share the prompt's blocks: forking copies no K/V",
+        "too many: the samples share the prompt's blocks, forking copies no K/V",
     )
     if partial:
         expect(
             answer != prompt_blocks + n_samples,
-            "the last sample to write finds itself the only holder of the shared block: "
-            "it writes in place instead of copying",
+            "one block too many: the last sample to write finds itself the only holder of the "
+            "shared block, it writes in place instead of copying",
         )
     expect(
         answer == expected,
         f"{answer} is not right: count the prompt's blocks, then the copies made on write",
     )
-    correct(f"{expected} blocks: the prompt's {prompt_blocks}, plus the copies made on write")
+    correct(
+        "your block count matches the paged cache's: the prompt's blocks, plus the copies made "
+        "on write"
+    )
 
 
 def check_gather(fn: Callable) -> None:

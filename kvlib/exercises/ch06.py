@@ -30,15 +30,19 @@ def check_int4_bytes_per_token(
     expected = cache.nbytes_used // S
     codes_only = config.kv_elements_per_token // 2
     expect(
-        answer != codes_only, "that counts only the 4-bit codes: add each group's scale and zero"
+        answer != codes_only,
+        "too small: that counts only the 4-bit codes, add each group's scale and zero point",
     )
     expect(
         answer != codes_only + config.kv_elements_per_token // group_size * 4,
-        "each group stores a zero point as well as a scale (asymmetric): 8 bytes per group",
+        "too small: each group stores a zero point as well as a scale (asymmetric), 8 bytes per "
+        "group",
     )
     expect(answer == expected, f"{answer:,} bytes is not right: codes + 8 bytes per group")
-    fp16 = config.kv_bytes_per_token(torch.float16)
-    correct(f"{expected:,} bytes per token, {fp16 / expected:.2f}x less than fp16's {fp16:,}")
+    correct(
+        f"your int4 bytes per token for {model} (groups of {group_size} channels, fp32 scale and "
+        "zero point) match the quantized cache's"
+    )
 
 
 def check_max_error(answer: float, x: torch.Tensor, bits: int = 4) -> None:
@@ -49,14 +53,15 @@ def check_max_error(answer: float, x: torch.Tensor, bits: int = 4) -> None:
     expected = float(step.max()) / 2
     expect(
         not math.isclose(answer, 2 * expected, rel_tol=1e-4),
-        "that is a whole step; rounding to the nearest level errs by at most half of it",
+        "your answer is twice the right one: that is a whole step, rounding to the nearest "
+        "level errs by at most half of it",
     )
     expect(
         math.isclose(answer, expected, rel_tol=1e-4),
         f"{answer:.6g} is not right: step = max|x| / (2**(bits-1) - 1) for the row with the "
         "largest max|x|; the bound is half a step",
     )
-    correct(f"every element lies within {expected:.6g} of its quantized value")
+    correct("your bound matches half the largest quantization step of x: no element errs more")
 
 
 def check_kivi_full_precision(answer: tuple[int, int], S: int = 100, R: int = 32) -> None:
@@ -75,5 +80,9 @@ def check_kivi_full_precision(answer: tuple[int, int], S: int = 100, R: int = 32
         answer[1] != S % R or expected[1] == S % R,
         "values slide: the R most recent stay in full precision",
     )
-    expect(tuple(answer) == expected, f"{answer} is not right: keys S mod R, values min(S, R)")
-    correct(f"{expected[0]} keys and {expected[1]} values in full precision after {S} tokens")
+    expect(
+        tuple(answer) == expected,
+        f"{answer} is not right: keys are quantized a whole block of R at a time, values leave "
+        "one by one once more than R have come",
+    )
+    correct(f"your (keys, values) counts match the KIVI cache's after {S} tokens")

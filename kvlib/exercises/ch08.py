@@ -41,10 +41,13 @@ def check_kept(kept: list[int], n_tokens: int, budget: int, n_sink: int) -> None
     )
     expect(
         kept == want,
-        f"after the sinks come the {budget - n_sink} most recent tokens, the last of which is "
-        f"token {n_tokens - 1} (indices start at 0)",
+        "after the sinks come the budget - n_sink most recent tokens, ending with the newest "
+        "one (stream indices start at 0)",
     )
-    correct(f"the cache holds tokens {want[:n_sink]} and {want[n_sink]}..{want[-1]}")
+    correct(
+        f"your indices match the SinkCache's after {n_tokens} tokens: the sinks, then a window "
+        "of the most recent tokens"
+    )
 
 
 def check_sink_mask(mask: torch.Tensor, n_tokens: int, budget: int, n_sink: int) -> None:
@@ -89,15 +92,20 @@ def check_fit(
     want = budget_bytes // per_seq
     fp32 = budget_bytes // (n_tokens * config.kv_bytes_per_token(torch.float32))
     expect(
-        answer != fp32 or want == fp32, "that is the fp32 count: use the quantized cache's bytes"
+        answer != fp32 or want == fp32,
+        "too few: that is the fp32 count, use the quantized cache's bytes",
     )
     expect(
         answer != budget_bytes // (n_tokens * config.kv_elements_per_token // 2),
-        "half a byte per number is not all: each token's scale and zero point take bytes too",
+        "too many: half a byte per number is not all, each token's scale and zero point take "
+        "bytes too",
     )
     expect(
         answer == want,
-        f"one sequence of {n_tokens} tokens takes {per_seq:,} bytes in this cache (nbytes_used); "
-        "divide the budget by it, rounding down",
+        f"{answer} sequences is not right: read one {n_tokens}-token sequence's bytes from the "
+        "cache's nbytes_used, then divide the budget by it, rounding down",
     )
-    correct(f"{want} sequences fit, {want / fp32:.1f} times as many as at fp32")
+    correct(
+        f"your count of {n_tokens}-token sequences that fit the budget matches the {scheme!r} "
+        "cache's nbytes_used"
+    )

@@ -30,7 +30,10 @@ def check_max_batch(n_seqs: int) -> None:
         "not quite: free = memory - weights - reserve (memory is 80 GiB = 80 * 2**30 bytes), "
         "then divide by one sequence's cache, 8192 * kv_bytes_per_token('Llama-3-8B')",
     )
-    correct(f"{n_seqs} sequences of 8192 tokens fit")
+    correct(
+        "your number of 8192-token sequences for Llama-3-8B on an A100-80 matches "
+        "kvlib.memory.max_batch"
+    )
 
 
 def check_tp_bytes(per_gpu_bytes: int) -> None:
@@ -40,17 +43,21 @@ def check_tp_bytes(per_gpu_bytes: int) -> None:
     expect(_is_int(per_gpu_bytes), f"per_gpu_bytes should be an int, got {per_gpu_bytes!r}")
     expect(
         per_gpu_bytes != total // 16,
-        "Llama-3-70B has only 8 kv heads: 16 GPUs cannot split them 16 ways, each GPU keeps "
-        "one whole kv head (replicated twice)",
+        "your answer is half the right one: Llama-3-70B has only 8 kv heads, 16 GPUs cannot "
+        "split them 16 ways, each GPU keeps one whole kv head (replicated twice)",
     )
-    expect(per_gpu_bytes != total, "that is the whole cache: each GPU holds a share of the heads")
+    expect(
+        per_gpu_bytes != total,
+        "that is the whole cache: each GPU holds a share of the heads",
+    )
     expect(
         per_gpu_bytes == want,
         f"not quite: one kv head per GPU, 2 * L * 1 * D * 2 bytes per token (got "
         f"{per_gpu_bytes / GB:.3f} GB)",
     )
     correct(
-        f"{per_gpu_bytes / GB:.2f} GB per GPU, {16 * want / total:.0f}x the unique cache overall"
+        "your per-GPU bytes match kvlib.memory: with 8 kv heads on 16 GPUs, every kv head is "
+        "stored twice"
     )
 
 
@@ -71,4 +78,6 @@ def check_mla(mla_bytes: int, ratio: float) -> None:
         isinstance(ratio, (int, float)) and abs(ratio - mha / want) < 0.01,
         f"the ratio should be MHA bytes / MLA bytes per token, got {ratio!r}",
     )
-    correct(f"{mla_bytes} bytes per token, {ratio:.1f}x less than multi-head attention")
+    correct(
+        "your MLA bytes per token and your ratio to multi-head attention both match kvlib.memory"
+    )

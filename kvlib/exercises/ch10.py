@@ -25,7 +25,7 @@ def check_intensity(intensity: float, memory_bound: bool) -> None:
     )
     expect(
         not math.isclose(intensity, want / 2, rel_tol=1e-2),
-        "half the answer: fp16 is 2 bytes per number, not 4",
+        "your answer is half the right one: fp16 is 2 bytes per number, not 4",
     )
     expect(
         math.isclose(intensity, want, rel_tol=1e-3),
@@ -41,7 +41,8 @@ def check_intensity(intensity: float, memory_bound: bool) -> None:
         "compare the intensity with the T4's ridge point, peak FLOP/s / bandwidth",
     )
     correct(
-        f"{want:.2f} FLOP/byte against a T4 ridge point of {ridge_point('T4'):.0f}: memory bound"
+        "your intensity for Qwen2.5-7B over 32768 cached tokens and your verdict against the "
+        "T4's ridge point both match kvlib.gpu.roofline"
     )
 
 
@@ -57,9 +58,12 @@ def check_tiles(n_tiles: int, utilization: float) -> None:
     )
     expect(
         n_tiles != rows // 16 or rows % 16 == 0,
-        f"{rows} rows need a partial tile too: round up",
+        "one tile short: the G*T rows need a partial tile too, round up",
     )
-    expect(n_tiles == want_tiles, f"{n_tiles} tiles is not right: G*T = {rows} rows, 16 per tile")
+    expect(
+        n_tiles == want_tiles,
+        f"{n_tiles} tiles is not right: count G*T rows, 16 per tile, rounded up",
+    )
     expect(
         not math.isclose(utilization, G / 16),
         "each of the T query tokens adds G rows: count G*T rows, not G",
@@ -68,7 +72,10 @@ def check_tiles(n_tiles: int, utilization: float) -> None:
         math.isclose(utilization, want_util, rel_tol=1e-9),
         f"{utilization} is not right: real rows / (tiles * 16)",
     )
-    correct(f"{want_tiles} tiles per kv head, {want_util:.0%} of their rows hold real queries")
+    correct(
+        "your tile count and utilization for Llama-3-70B verifying 3 draft tokens match "
+        "kvlib.gpu.roofline"
+    )
 
 
 def check_split_ranges(ranges: list[tuple[int, int]]) -> None:
@@ -83,7 +90,7 @@ def check_split_ranges(ranges: list[tuple[int, int]]) -> None:
     expect(got[-1][1] == 1000, "the last partition must end at the sequence length, 1000")
     expect(
         got == want,
-        f"not quite: 1000 tokens fill {-(-1000 // 16)} blocks; "
+        "not quite: count the blocks of 16 that 1000 tokens fill (the last one partial); "
         "each partition takes ceil(blocks / 4) of them",
     )
-    correct(f"partitions {want}")
+    correct("your 4 partitions match split_range in paged_attention.cu")
