@@ -54,6 +54,10 @@ SECTIONS = ("generation", "hf", "paged", "bandwidth", "memory", "pretrained")
 PAGED_BLOCK_SIZES = (16, 128)  # kvlib's default block, and a large one (fewer, longer visits)
 PAGED_TARGET = "paged_fused"  # the path the paged target is for: reads blocks in place (CPU)
 PAGED_RATIO_TARGET = 1.3  # paged decode attention time <= this x contiguous
+# kvlib's generate at least as fast as Hugging Face's on a 125M-class model, where the model's
+# own work dominates; on the tiny preset the figure is printed without a target (per-step Python
+# overhead decides it, not the cache)
+HF_SPEEDUP_TARGETS = {"125m": 1.0}
 GROUPED_TOKENS = 512  # "blocks" with blocks_per_step: visit this many tokens' blocks per step
 
 
@@ -805,9 +809,8 @@ def run(
                 for name, n in plan["hf"]:
                     bar.set_postfix_str(f"vs transformers ({name})")
                     h = figs["hf"][name] = bench_hf(dev, name, n, reps, 16, tick)
-                    if "skipped" in h:
+                    if "skipped" in h or name not in HF_SPEEDUP_TARGETS:
                         continue
-                    want = 2.0 if name == "tiny" else 1.0
                     for impl, ratio in h["speedup"].items():
                         same = "tokens identical" if h["tokens_equal"][impl] else "TOKENS DIFFER"
                         targets.append(
@@ -816,7 +819,7 @@ def run(
                                 f"speedup over {impl}",
                                 ratio,
                                 ">=",
-                                want,
+                                HF_SPEEDUP_TARGETS[name],
                                 same,
                             )
                         )

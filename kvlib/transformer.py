@@ -8,8 +8,8 @@ Shapes:
     tokens: (B, T) int64            T new tokens per row
     hidden states x: (B, T, C)
     q: (B, H, T, D)   k, v: (B, K, T, D) new, (B, K, S, D) with the cache
-    rope tables cos, sin: (max_seq_len, D) fp32; gathered per position to (B, 1, T, D), with
-        the sign of rotate_half folded into sin once per forward pass (`fold_rope_sin`)
+    rope cos, sin: (B, 1, T, D), computed in fp32 for the positions of the T new tokens
+        (`rope_cos_sin`) once per forward pass, then cast to the model's dtype
     logits: (B, T, V)
 
 With a cache, the T new tokens sit in slots [S - T, S) of an S-slot history, so the causal mask
@@ -30,8 +30,6 @@ from kvlib.config import ModelConfig
 
 # ---- building blocks ---------------------------------------------------------------------------
 
-_FUSED_RMS_NORM = hasattr(F, "rms_norm")
-
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, with the mean taken in fp32."""
@@ -42,9 +40,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _FUSED_RMS_NORM:  # torch < 2.4
-            return rms_norm_reference(x, self.weight, self.eps)
-        # torch's rms_norm on the fp32 upcast: the same numbers as `rms_norm_reference`
+        # torch's rms_norm on the fp32 upcast: `rms_norm_reference` in one kernel
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # (..., C), one call
         xf = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)  # (..., C) fp32
@@ -58,25 +54,33 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * xf.to(x.dtype)
 
 
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, each (..., D) fp32, of the RoPE angles of integer `positions` (...).
+
+    Channel pair (i, i + D/2) rotates at frequency theta^(-2i/D): the "rotate_half" layout of
+    Hugging Face's Llama. Computed in fp32 whatever the model's dtype, then cast by the caller.
+    """
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+    device = positions.device
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    )  # (D/2,)
+    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (..., D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (..., D)
+    return emb.cos(), emb.sin()
+
+
 def rope_tables(
     head_dim: int,
     max_seq_len: int,
     theta: float = 10000.0,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (max_seq_len, D) fp32, for positions 0 .. max_seq_len - 1.
-
-    Channel pair (i, i + D/2) rotates at frequency theta^(-2i/D): the "rotate_half" layout.
-    """
-    if head_dim % 2:
-        raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    )  # (D/2,)
-    pos = torch.arange(max_seq_len, dtype=torch.float32, device=device)  # (S_max,)
-    freqs = pos[:, None] * inv_freq[None, :]  # (S_max, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (S_max, D)
-    return emb.cos(), emb.sin()
+    """cos and sin, each (max_seq_len, D) fp32, for positions 0 .. max_seq_len - 1."""
+    return rope_cos_sin(torch.arange(max_seq_len, device=device), head_dim, theta)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,23 +92,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, heads, T, D) by the angles of its positions; cos, sin broadcast to x.
 
-    cos and sin come in x's dtype (the model casts its fp32 tables once per forward pass).
+    cos and sin come in x's dtype (the model computes them in fp32 once per forward pass).
     """
     return x * cos + rotate_half(x) * sin
-
-
-def fold_rope_sin(sin: torch.Tensor) -> torch.Tensor:
-    """sin (..., D) -> (-sin[:D/2], sin[D/2:]): the sign of rotate_half moved into the table."""
-    s1, s2 = sin.chunk(2, dim=-1)
-    return torch.cat([-s1, s2], dim=-1)
-
-
-def _apply_rope_folded(
-    x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor
-) -> torch.Tensor:
-    """`apply_rope` with a folded sin table (`fold_rope_sin`): rotate_half(x) * sin equals
-    roll(x, D/2) * sin_folded exactly (a sign flip is exact), in two ops fewer per call."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_folded
 
 
 class Attention(nn.Module):
@@ -128,8 +118,8 @@ class Attention(nn.Module):
         cache: Cache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). cos and sin (B, 1, T, D) come from `Transformer.forward`,
-        sin folded (`fold_rope_sin`); mask is None (every slot visible) or bool (b, 1, T, S).
+        """x (B, T, C) -> (B, T, C). cos and sin (B, 1, T, D) of the tokens' positions come from
+        `Transformer.forward`; mask is None (every slot visible) or bool (b, 1, T, S).
 
         With a cache, the layer makes one call: `cache.attend` stores the new keys and values
         and returns the attention of q over the layer's whole history.
@@ -139,7 +129,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = self.wv(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        q, k = _apply_rope_folded(q, cos, sin), _apply_rope_folded(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = _attention(q, k, v, mask)  # (B, H, T, D); fp16/bf16 softmax upcast to fp32
         else:
@@ -292,12 +282,6 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (S_max, D) fp32
-        self.register_buffer("rope_sin", sin, persistent=False)  # (S_max, D) fp32
-        # both tables in one, sin folded (`fold_rope_sin`): one gather per forward pass
-        cos_sin = torch.stack([cos, fold_rope_sin(sin)], dim=1)  # (S_max, 2, D)
-        self.register_buffer("_rope_cos_sin", cos_sin, persistent=False)
         self.init_weights(init_std)
 
     @torch.no_grad()
@@ -309,14 +293,19 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
-    def _apply(self, fn, recurse=True):
-        # .to(dtype) would round the RoPE tables; rebuild them in fp32 on the new device instead.
-        super()._apply(fn, recurse)
+    @property
+    def rope_cos(self) -> torch.Tensor:
+        """(max_seq_len, D) fp32 cos of every position's RoPE angles, on the model's device."""
+        return self._rope_tables()[0]
+
+    @property
+    def rope_sin(self) -> torch.Tensor:
+        """(max_seq_len, D) fp32 sin of every position's RoPE angles, on the model's device."""
+        return self._rope_tables()[1]
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        device = self.tok_embeddings.weight.device
-        self.rope_cos, self.rope_sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, device)
-        self._rope_cos_sin = torch.stack([self.rope_cos, fold_rope_sin(self.rope_sin)], dim=1)
-        return self
+        return rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, self.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -450,10 +439,8 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """The layers, on checked inputs: positions (B, T), mask (b, 1, T, S) or None."""
         x = self.tok_embeddings(tokens)  # (B, T, C)
-        cs = self._rope_cos_sin[pos]  # (B, T, 2, D) fp32: cos and folded sin of each position
-        if cs.dtype != x.dtype:
-            cs = cs.to(x.dtype)
-        cos, sin = cs[:, None, :, 0], cs[:, None, :, 1]  # (B, 1, T, D) each, sin folded
+        cos, sin = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)  # (B, T, D)
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, D) each
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, cache, i)
         if last_only:

@@ -175,20 +175,6 @@ def test_fused_rms_norm_matches_the_reference(dtype):
     assert excess <= 0, f"fused RMSNorm differs from the reference by {excess:.3g} beyond 4 ulp"
 
 
-def test_folded_rope_matches_apply_rope():
-    from kvlib.transformer import _apply_rope_folded, apply_rope, fold_rope_sin, rope_tables
-
-    cos, sin = rope_tables(16, 32)  # (S_max, D)
-    x = torch.randn(2, 3, 7, 16)  # (B, heads, T, D)
-    pos = torch.tensor([0, 1, 5, 9, 17, 30, 31])
-    got = _apply_rope_folded(x, cos[pos], fold_rope_sin(sin[pos]))
-    want = apply_rope(x, cos[pos], sin[pos])
-    diff = (got - want).abs().max().item()
-    # Exact on every CPU: both are one multiply per term and one add, each a correctly rounded
-    # IEEE operation in eager torch (no fused multiply-add), and a sign flip is exact.
-    assert diff == 0.0, f"folded RoPE differs from apply_rope by {diff:.3g}"
-
-
 def test_block_gather_matches_a_token_by_token_gather():
     from kvlib.paged import gather_kv
 
