@@ -185,18 +185,19 @@ def attention(
     _check_qkv(q, k, v)
     B, H, T, D = q.shape
     mask = _check_mask(mask, B, H, T, k.shape[2], q.device)
-    return _attention(q, k, v, mask, scale)
+    return grouped_attention(q, k, v, mask, scale)
 
 
-def _attention(
+def grouped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """`attention` without the input checks, for callers that built q, k, v and the mask
-    themselves (the model's layers). mask: None or bool, each dim 1 or full, at most 4 dims."""
+    """`attention` without the input checks: the grouped attention the model's layers and the
+    caches run on q, k, v and a mask they built themselves. mask: None or bool, each dim 1 or
+    full, at most 4 dims."""
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K

@@ -39,7 +39,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from kvlib.attention import _attention
+from kvlib.attention import grouped_attention
 from kvlib.config import ModelConfig, check_int, dtype_bytes
 
 
@@ -232,7 +232,7 @@ class Cache(ABC):
         """
         self._check_q(q, k)
         k_all, v_all = self.update(layer, k.to(self.dtype), v.to(self.dtype))  # (B, K, S, D)
-        return _attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask)  # (B, H, T, D)
+        return grouped_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask)  # (B, H, T, D)
 
     @abstractmethod
     def update(

@@ -54,7 +54,7 @@ from typing import Literal
 
 import torch
 
-from kvlib.attention import _attention, causal_mask
+from kvlib.attention import causal_mask, grouped_attention
 from kvlib.cache import Cache, CacheFullError, KVCacheError
 from kvlib.config import ModelConfig, check_int
 from kvlib.transformer import apply_rope, rope_tables
@@ -435,7 +435,7 @@ class H2OCache(EvictionCache):
         scores[:, :, S - T : S] = 0.0
         scores[:, :, :S] += attention_received(q, k_all)  # (B, K, S)
         self.scores[layer] = scores
-        return _attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask)  # (B, H, T, D)
+        return grouped_attention(q, k_all.to(q.dtype), v_all.to(q.dtype), mask)  # (B, H, T, D)
 
     def _keep(self, layer: int, n: int, m: int, T: int) -> torch.Tensor:
         r = min(max(self.n_recent - T, 0), m)  # recent tokens kept from the cache

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvlib.attention import _attention, causal_mask
+from kvlib.attention import causal_mask, grouped_attention
 from kvlib.cache import Cache, KVCacheError, position_ids
 from kvlib.config import ModelConfig
 
@@ -131,7 +131,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = _attention(q, k, v, mask)  # (B, H, T, D); fp16/bf16 softmax upcast to fp32
+            out = grouped_attention(q, k, v, mask)  # (B, H, T, D); fp16/bf16 softmax upcast to fp32
         else:
             out = cache.attend(layer, q, k, v, mask)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
