@@ -1,9 +1,12 @@
-"""The small model this project trained (`python -m kvlib.train`), shipped inside kvlib.
+"""The small model this project trained (`python -m kvlib.train`), shipped inside kvlib, and
+the checkpoint format both use.
 
 `load_pretrained()` returns (model, tokenizer): a kvlib `Transformer` in eval mode with fp32
-weights on the requested device, and the `BPETokenizer` it was trained with. Weights are read
-from safetensors (no pickle); kvlib/assets/config.json holds the ModelConfig and the record of
-the training run (`training_record()`).
+weights on the requested device, and the `BPETokenizer` it was trained with. A checkpoint is a
+folder of three files: WEIGHTS_FILE (float16 safetensors, no pickle; tied weights stored once),
+CONFIG_FILE (the ModelConfig and the record of the training run, `training_record()`) and
+TOKENIZER_FILE. `kvlib.train` writes them with `save_model`; this module reads them, so
+`import kvlib` never loads the trainer.
 
 Shapes: the model maps tokens (B, T) int64 to logits (B, T, V), V = tokenizer.vocab_size.
 """
@@ -13,11 +16,43 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from kvlib.config import ModelConfig
-from kvlib.data import DATA_DIR, BPETokenizer, read_json
-from kvlib.train import CONFIG_FILE, load_weights
-from kvlib.transformer import Transformer
+from kvlib.data import DATA_DIR, AssetError, BPETokenizer, read_json
+from kvlib.transformer import Transformer, check_state_dict
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+WEIGHTS_DTYPE = torch.float16
+
+
+# ---- the checkpoint's weights -----------------------------------------------------------
+
+
+def save_model(model: Transformer, out: Path) -> None:
+    """Weights as float16 safetensors (contiguous copies; tied weights are stored once)."""
+    state = {
+        k: v.detach().to("cpu", WEIGHTS_DTYPE).contiguous() for k, v in model.state_dict().items()
+    }
+    if model.config.tie_embeddings:
+        state.pop("output.weight", None)
+    save_file(state, str(out / WEIGHTS_FILE))
+
+
+def load_weights(model: Transformer, path: Path) -> None:
+    """Load float16 safetensors into `model` (any dtype/device), strictly."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} is missing (expected safetensors weights)")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type for a damaged file
+        raise AssetError(path, "a safetensors file of weights", err) from err
+    check_state_dict(state, model.config, source=str(path))  # tied weights are stored once
+    if model.config.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict({k: v.to(model.dtype) for k, v in state.items()}, strict=True)
 
 
 def _read_config(path: Path) -> dict:

@@ -31,26 +31,28 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from kvlib.config import ModelConfig
 from kvlib.data import (
     CORPUS_PATH,
     DATA_DIR,
-    AssetError,
     BPETokenizer,
     corpus_sha256,
     load_corpus,
     split_corpus,
     unigram_loss,
 )
-from kvlib.transformer import Transformer, check_state_dict
+from kvlib.pretrained import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_DTYPE,
+    WEIGHTS_FILE,
+    load_weights,
+    save_model,
+)
+from kvlib.transformer import Transformer
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-WEIGHTS_DTYPE = torch.float16
 VAL_SUBSET_WINDOWS = 8  # the fixed validation subset the tests re-measure: 8 windows of T tokens
 
 
@@ -131,33 +133,6 @@ def make_optimizer(model: Transformer, lr: float, weight_decay: float) -> torch.
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-
-
-# ---- saving ------------------------------------------------------------------------------
-
-
-def save_model(model: Transformer, out: Path) -> None:
-    """Weights as float16 safetensors (contiguous copies; tied weights are stored once)."""
-    state = {
-        k: v.detach().to("cpu", WEIGHTS_DTYPE).contiguous() for k, v in model.state_dict().items()
-    }
-    if model.config.tie_embeddings:
-        state.pop("output.weight", None)
-    save_file(state, str(out / WEIGHTS_FILE))
-
-
-def load_weights(model: Transformer, path: Path) -> None:
-    """Load float16 safetensors into `model` (any dtype/device), strictly."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} is missing (expected safetensors weights)")
-    try:
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error type for a damaged file
-        raise AssetError(path, "a safetensors file of weights", err) from err
-    check_state_dict(state, model.config, source=str(path))  # tied weights are stored once
-    if model.config.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict({k: v.to(model.dtype) for k, v in state.items()}, strict=True)
 
 
 # ---- training ------------------------------------------------------------------------------

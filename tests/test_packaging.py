@@ -1,4 +1,5 @@
-"""The pins agree everywhere: pyproject's direct dependencies, constraints.txt, environment.yml."""
+"""Packaging: the pins agree everywhere (pyproject, constraints.txt, environment.yml), and
+`import kvlib` stays light."""
 
 import re
 import subprocess
@@ -71,3 +72,12 @@ def test_kvlib_imports_without_optional_dependencies():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_import_kvlib_loads_neither_the_trainer_nor_the_benchmark():
+    code = "import sys, kvlib; print(' '.join(sorted(m for m in sys.modules if 'kvlib' in m)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.split())
+    assert "kvlib.pretrained" in loaded, loaded  # load_pretrained is a top-level name
+    for heavy in ("kvlib.train", "kvlib.bench", "kvlib.gpu.bench"):
+        assert heavy not in loaded, f"import kvlib loads {heavy}"
