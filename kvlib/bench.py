@@ -30,8 +30,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -39,12 +37,22 @@ from pathlib import Path
 
 import torch
 
-import kvlib
 from kvlib.attention import attention
 from kvlib.cache import KVCache
 from kvlib.config import ModelConfig, check_int, tiny
 from kvlib.generate import generate
 from kvlib.paged import BlockAllocator, PagedKVCache, paged_attention
+from kvlib.timing import (
+    BenchError,
+    fmt,
+    format_targets,
+    interleaved,
+    machine_info,
+    median,
+    resolve_device,
+    target,
+    versions,
+)
 from kvlib.transformer import Transformer
 
 SCHEMA = "kvlib.bench/1"
@@ -59,100 +67,6 @@ PAGED_RATIO_TARGET = 1.3  # paged decode attention time <= this x contiguous
 # overhead decides it, not the cache)
 HF_SPEEDUP_TARGETS = {"125m": 1.0}
 GROUPED_TOKENS = 512  # "blocks" with blocks_per_step: visit this many tokens' blocks per step
-
-
-class BenchError(ValueError):
-    """A benchmark asked for something it cannot measure (bad section, device or size)."""
-
-
-# ---- timing ------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU raises BenchError."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"device {device!r} asked for, but torch sees no CUDA GPU (use 'cpu')")
-    if dev.type not in ("cpu", "cuda"):
-        raise BenchError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
-    return dev
-
-
-def _sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], object], device: torch.device | str) -> float:
-    """Seconds one call of fn takes (the device synchronized before and after on CUDA)."""
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-def check_reps(reps: object) -> int:
-    """reps, checked: BenchError unless it is an int >= 1."""
-    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
-        raise BenchError(f"reps must be an int >= 1, got {reps!r}")
-    return reps
-
-
-def interleaved(
-    fns: dict[str, Callable[[], object]],
-    reps: int,
-    device: torch.device | str,
-    warmup: int = 1,
-    timer: Callable[[Callable[[], object], torch.device | str], float] = time_call,
-) -> dict[str, list[float]]:
-    """Time each contender `reps` times, taking turns (order rotated each round).
-
-    Returns name -> list of seconds. Interleaving spreads slow phases of a busy machine over
-    every contender instead of penalizing whichever ran during them. timer(fn, device) times
-    one call (default `time_call`; the GPU bench passes CUDA events).
-    """
-    check_reps(reps)
-    if not fns:
-        raise BenchError("interleaved needs at least one contender")
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(reps):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            times[name].append(timer(fns[name], device))
-    return times
-
-
-def median(xs: Iterable[float]) -> float:
-    """The median of some timings."""
-    xs = list(xs)
-    if not xs:
-        raise BenchError("median of no timings")
-    return statistics.median(xs)
-
-
-def _target(figure: str, metric: str, value: float, op: str, target: float, note: str = "") -> dict:
-    """A figure checked against its target: op is '>=' or '<='."""
-    ok = value >= target if op == ">=" else value <= target
-    return {
-        "figure": figure,
-        "metric": metric,
-        "value": value,
-        "op": op,
-        "target": target,
-        "status": "PASS" if ok else "MISS",
-        "note": note,
-    }
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -668,36 +582,6 @@ def _config_dict(config: ModelConfig) -> dict:
     }
 
 
-def machine_info(device: torch.device, threads: int) -> dict:
-    """Where the run happened: platform, cores, threads, accelerator, load average."""
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average"] = list(os.getloadavg())
-    return info
-
-
-def versions() -> dict:
-    """Versions of Python and the libraries measured."""
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    out["kvlib"] = getattr(kvlib, "__version__", "unknown")
-    for name in ("transformers", "numpy"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
-
-
 def _plan(quick: bool) -> dict:
     """Sizes of each section: quick (under a minute on 2 cores) or full."""
     if quick:
@@ -795,7 +679,7 @@ def run(
                 g = figs["generation"] = bench_generation(dev, plan["gen_tokens"], reps, 16, tick)
                 last = g["rows"][-1]
                 targets.append(
-                    _target(
+                    target(
                         "cached vs uncached generation",
                         f"speedup at {last['new_tokens']} tokens",
                         last["speedup"],
@@ -814,7 +698,7 @@ def run(
                     for impl, ratio in h["speedup"].items():
                         same = "tokens identical" if h["tokens_equal"][impl] else "TOKENS DIFFER"
                         targets.append(
-                            _target(
+                            target(
                                 f"kvlib vs HF generate ({name})",
                                 f"speedup over {impl}",
                                 ratio,
@@ -834,7 +718,7 @@ def run(
                     )
                     name = PAGED_TARGET if PAGED_TARGET in p["ratio"] else "paged_gather"
                     targets.append(
-                        _target(
+                        target(
                             "paged vs contiguous decode attention",
                             f"{name} (block {P}, 1 thread) time / contiguous",
                             p["ratio"][name],
@@ -854,7 +738,7 @@ def run(
                     dev, plan["bandwidth_bytes"], reps=reps, progress=tick
                 )
                 targets.append(
-                    _target(
+                    target(
                         "decode attention bandwidth",
                         "fraction of copy bandwidth",
                         b["fraction_of_copy"],
@@ -883,14 +767,6 @@ def run(
 # ---- report ------------------------------------------------------------------------------------
 
 
-def _fmt(x: float) -> str:
-    if x == 0 or math.isinf(x) or math.isnan(x):
-        return str(x)
-    if abs(x) >= 1e4 or abs(x) < 1e-2:
-        return f"{x:.3g}"
-    return f"{x:.2f}"
-
-
 def format_report(result: dict) -> str:
     """The printed tables: each figure's numbers, then every target with PASS or MISS."""
     lines = []
@@ -905,8 +781,8 @@ def format_report(result: dict) -> str:
         lines.append(f"{'new tokens':>10} {'cached':>10} {'uncached':>10} {'speedup':>8} equal")
         for r in figs["generation"]["rows"]:
             lines.append(
-                f"{r['new_tokens']:>10} {_fmt(r['cached_tok_s']):>10} "
-                f"{_fmt(r['uncached_tok_s']):>10} {_fmt(r['speedup']):>8} {r['tokens_equal']}"
+                f"{r['new_tokens']:>10} {fmt(r['cached_tok_s']):>10} "
+                f"{fmt(r['uncached_tok_s']):>10} {fmt(r['speedup']):>8} {r['tokens_equal']}"
             )
     for name, h in figs.get("hf", {}).items():
         lines.append(f"\nkvlib vs Hugging Face generate, {name} config")
@@ -918,14 +794,14 @@ def format_report(result: dict) -> str:
             ratio = h["speedup"].get(impl)
             eq = h["tokens_equal"].get(impl, "-")
             lines.append(
-                f"{impl:>12} {_fmt(tps):>10} {'-' if ratio is None else _fmt(ratio):>14} {eq}"
+                f"{impl:>12} {fmt(tps):>10} {'-' if ratio is None else fmt(ratio):>14} {eq}"
             )
     for p in figs.get("paged", {}).values():
         lines.append(f"\ndecode attention, {p['shape']}, {p['threads']} thread(s)")
         for name, t in p["median_s"].items():
             ratio = p["ratio"].get(name)
             lines.append(
-                f"{name:>20} {t * 1e6:10.1f} us  {'' if ratio is None else 'x' + _fmt(ratio)}"
+                f"{name:>20} {t * 1e6:10.1f} us  {'' if ratio is None else 'x' + fmt(ratio)}"
             )
     if "bandwidth" in figs:
         b = figs["bandwidth"]
@@ -943,8 +819,8 @@ def format_report(result: dict) -> str:
         lines.append(f"{'strategy':<48} {'bytes/token':>12} {'seqs':>6} {'vs contig':>9}")
         for r in mem["rows"]:
             lines.append(
-                f"{r['strategy']:<48} {_fmt(r['bytes_per_token']):>12} "
-                f"{r['sequences_in_budget']:>6} {_fmt(r['vs_contiguous']):>9}"
+                f"{r['strategy']:<48} {fmt(r['bytes_per_token']):>12} "
+                f"{r['sequences_in_budget']:>6} {fmt(r['vs_contiguous']):>9}"
             )
     if "pretrained" in figs:
         p = figs["pretrained"]
@@ -954,24 +830,12 @@ def format_report(result: dict) -> str:
         else:
             for name, tps in p["tok_s"].items():
                 lines.append(
-                    f"{name:>12} {_fmt(tps):>10} tok/s  x{_fmt(p['vs_contiguous'][name])} "
+                    f"{name:>12} {fmt(tps):>10} tok/s  x{fmt(p['vs_contiguous'][name])} "
                     f"tokens as contiguous: {p['tokens_equal_contiguous'][name]}"
                 )
     lines += format_targets(result["targets"])
     lines.append(f"\nelapsed {result.get('elapsed_s', 0):.1f} s")
     return "\n".join(lines)
-
-
-def format_targets(targets: list[dict]) -> list[str]:
-    """Lines of a report's target table: status, figure, metric = value (target op bound)."""
-    lines = ["\ntargets"]
-    for t in targets:
-        note = f"  ({t['note']})" if t["note"] else ""
-        lines.append(
-            f"  {t['status']:<4} {t['figure']}: {t['metric']} = {_fmt(t['value'])} "
-            f"(target {t['op']} {t['target']}){note}"
-        )
-    return lines
 
 
 def write_json(result: dict, path: str | Path) -> Path:

@@ -57,7 +57,7 @@ import torch
 from kvlib.attention import causal_mask, grouped_attention
 from kvlib.cache import Cache, CacheFullError, KVCacheError
 from kvlib.config import ModelConfig, check_int
-from kvlib.transformer import apply_rope, rope_tables
+from kvlib.rope import apply_rope, rope_tables
 
 Positions = Literal["cache", "original"]
 POSITIONS = ("cache", "original")

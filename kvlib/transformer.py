@@ -27,6 +27,7 @@ from torch import nn
 from kvlib.attention import causal_mask, grouped_attention
 from kvlib.cache import Cache, KVCacheError, position_ids
 from kvlib.config import ModelConfig
+from kvlib.rope import apply_rope, rope_cos_sin, rope_tables
 
 # ---- building blocks ---------------------------------------------------------------------------
 
@@ -52,49 +53,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., C) fp32
     return weight * xf.to(x.dtype)
-
-
-def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float = 10000.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (..., D) fp32, of the RoPE angles of integer `positions` (...).
-
-    Channel pair (i, i + D/2) rotates at frequency theta^(-2i/D): the "rotate_half" layout of
-    Hugging Face's Llama. Computed in fp32 whatever the model's dtype, then cast by the caller.
-    """
-    if head_dim % 2:
-        raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
-    device = positions.device
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    )  # (D/2,)
-    freqs = positions.to(torch.float32)[..., None] * inv_freq  # (..., D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (..., D)
-    return emb.cos(), emb.sin()
-
-
-def rope_tables(
-    head_dim: int,
-    max_seq_len: int,
-    theta: float = 10000.0,
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (max_seq_len, D) fp32, for positions 0 .. max_seq_len - 1."""
-    return rope_cos_sin(torch.arange(max_seq_len, device=device), head_dim, theta)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the two halves of the last axis."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, D) by the angles of its positions; cos, sin broadcast to x.
-
-    cos and sin come in x's dtype (the model computes them in fp32 once per forward pass).
-    """
-    return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):

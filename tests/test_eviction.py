@@ -20,7 +20,7 @@ from kvlib.eviction import (
     attention_received,
 )
 from kvlib.generate import teacher_forced_logits
-from kvlib.transformer import apply_rope, rope_tables
+from kvlib.rope import apply_rope, rope_tables
 from tests.models import model_for as make_model
 
 F64 = torch.float64

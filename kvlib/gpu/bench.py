@@ -64,20 +64,20 @@ from pathlib import Path
 
 import torch
 
-from kvlib.bench import (
+from kvlib.config import check_int
+from kvlib.gpu import kernels as gk
+from kvlib.gpu.roofline import decode_attention_bytes
+from kvlib.memory import GPUS
+from kvlib.timing import (
     BenchError,
-    _target,
     check_reps,
     format_targets,
     interleaved,
     machine_info,
     median,
+    target,
     versions,
 )
-from kvlib.config import check_int
-from kvlib.gpu import kernels as gk
-from kvlib.gpu.roofline import decode_attention_bytes
-from kvlib.memory import GPUS
 
 SCHEMA = "kvlib.gpu.bench/1"
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -648,7 +648,7 @@ def targets(result: dict) -> list[dict]:
             notes.append("OUTPUT WRONG")
         note = ", ".join(notes)
         out.append(
-            _target(
+            target(
                 "fp16 GEMM",
                 f"wmma speed / cuBLAS at n={n}",
                 gemm["rows"]["wmma"]["ratio_to_cublas"],
@@ -673,7 +673,7 @@ def targets(result: dict) -> list[dict]:
         if not best["ok"]:
             note += ", OUTPUT WRONG"
         out.append(
-            _target(
+            target(
                 "Tensor Core decode attention",
                 f"fraction of copy bandwidth at S={row['S']}",
                 best["fraction_of_copy"],

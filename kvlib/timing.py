@@ -1,0 +1,164 @@
+"""Measuring side by side: the timing and report helpers both benchmarks use.
+
+`python -m kvlib.bench` (CPU) and `python -m kvlib.bench --gpu` (`kvlib.gpu.bench`) time their
+contenders the same way: each one warmed up, then the contenders take turns (`interleaved`), and
+the median counts, so a busy machine slows them all alike. Each figure is checked against a
+target (`target`), printed PASS or MISS by `format_targets`; `machine_info` and `versions` record
+where and with what a run happened.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+
+class BenchError(ValueError):
+    """A benchmark asked for something it cannot measure (bad section, device or size)."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU raises BenchError."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"device {device!r} asked for, but torch sees no CUDA GPU (use 'cpu')")
+    if dev.type not in ("cpu", "cuda"):
+        raise BenchError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    return dev
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device | str) -> float:
+    """Seconds one call of fn takes (the device synchronized before and after on CUDA)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def check_reps(reps: object) -> int:
+    """reps, checked: BenchError unless it is an int >= 1."""
+    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
+        raise BenchError(f"reps must be an int >= 1, got {reps!r}")
+    return reps
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    device: torch.device | str,
+    warmup: int = 1,
+    timer: Callable[[Callable[[], object], torch.device | str], float] = time_call,
+) -> dict[str, list[float]]:
+    """Time each contender `reps` times, taking turns (order rotated each round).
+
+    Returns name -> list of seconds. Interleaving spreads slow phases of a busy machine over
+    every contender instead of penalizing whichever ran during them. timer(fn, device) times
+    one call (default `time_call`; the GPU bench passes CUDA events).
+    """
+    check_reps(reps)
+    if not fns:
+        raise BenchError("interleaved needs at least one contender")
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            times[name].append(timer(fns[name], device))
+    return times
+
+
+def median(xs: Iterable[float]) -> float:
+    """The median of some timings."""
+    xs = list(xs)
+    if not xs:
+        raise BenchError("median of no timings")
+    return statistics.median(xs)
+
+
+def target(figure: str, metric: str, value: float, op: str, bound: float, note: str = "") -> dict:
+    """A figure checked against its target: op is '>=' or '<='."""
+    if op not in (">=", "<="):
+        raise BenchError(f"op must be '>=' or '<=', got {op!r}")
+    ok = value >= bound if op == ">=" else value <= bound
+    return {
+        "figure": figure,
+        "metric": metric,
+        "value": value,
+        "op": op,
+        "target": bound,
+        "status": "PASS" if ok else "MISS",
+        "note": note,
+    }
+
+
+def machine_info(device: torch.device, threads: int) -> dict:
+    """Where the run happened: platform, cores, threads, accelerator, load average."""
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = list(os.getloadavg())
+    return info
+
+
+def versions() -> dict:
+    """Versions of Python and the libraries measured."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    out["kvlib"] = getattr(sys.modules.get("kvlib"), "__version__", "unknown")
+    for name in ("transformers", "numpy"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def format_targets(targets: list[dict]) -> list[str]:
+    """Lines of a report's target table: status, figure, metric = value (target op bound)."""
+    lines = ["\ntargets"]
+    for t in targets:
+        note = f"  ({t['note']})" if t["note"] else ""
+        lines.append(
+            f"  {t['status']:<4} {t['figure']}: {t['metric']} = {fmt(t['value'])} "
+            f"(target {t['op']} {t['target']}){note}"
+        )
+    return lines
+
+
+def fmt(x: float) -> str:
+    """A measured number for a report: 2 decimals, or 3 significant digits when large or small."""
+    if x == 0 or math.isinf(x) or math.isnan(x):
+        return str(x)
+    if abs(x) >= 1e4 or abs(x) < 1e-2:
+        return f"{x:.3g}"
+    return f"{x:.2f}"
