@@ -899,4 +899,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchError as err:  # a request the machine cannot meet: say so, without a traceback
+        sys.exit(f"python -m kvlib.bench: {err}")
