@@ -39,11 +39,12 @@ import torch
 
 from kvlib.attention import attention
 from kvlib.cache import KVCache
-from kvlib.config import ModelConfig, check_int, tiny
+from kvlib.config import ModelConfig, tiny
 from kvlib.generate import generate
 from kvlib.paged import BlockAllocator, PagedKVCache, paged_attention
 from kvlib.timing import (
     BenchError,
+    copy_bandwidth,
     fmt,
     format_targets,
     interleaved,
@@ -355,22 +356,6 @@ def bench_paged(
 
 
 # ---- figure 4: decode attention bandwidth ------------------------------------------------------
-
-
-def copy_bandwidth(device: torch.device | str, nbytes: int, reps: int = 5) -> dict:
-    """Bytes moved per second by `dst.copy_(src)` of an nbytes fp32 tensor (read + write).
-
-    The machine's memory bandwidth as a copy sees it: a copy reads nbytes and writes nbytes,
-    so it moves 2 * nbytes. Chapter 10 measures the running machine with it.
-    """
-    check_int("nbytes", nbytes, low=4)
-    device = torch.device(device)
-    n = nbytes // 4
-    src = torch.rand(n, device=device)
-    dst = torch.empty_like(src)
-    times = interleaved({"copy": lambda: dst.copy_(src)}, reps, device)["copy"]
-    t = median(times)
-    return {"nbytes": n * 4, "bytes_per_s": 2 * n * 4 / t, "median_s": t, "times_s": times}
 
 
 def bench_bandwidth(

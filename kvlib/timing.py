@@ -162,3 +162,31 @@ def fmt(x: float) -> str:
     if abs(x) >= 1e4 or abs(x) < 1e-2:
         return f"{x:.3g}"
     return f"{x:.2f}"
+
+
+def copy_bandwidth(
+    device: torch.device | str,
+    nbytes: int,
+    reps: int = 5,
+    time_fns: Callable[..., dict[str, list[float]]] = interleaved,
+) -> dict:
+    """The memory bandwidth a copy sees: `dst.copy_(src)` of an nbytes byte buffer moves
+    2 * nbytes (each byte read once and written once); bytes_per_s = 2 * nbytes / median time.
+
+    time_fns(fns, reps, device) times the copy (`interleaved` by default; the GPU bench passes
+    its CUDA-event timing).
+    """
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
+        raise BenchError(f"nbytes must be an int >= 1, got {nbytes!r}")
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)  # (nbytes,)
+    dst = torch.empty_like(src)
+    times = time_fns({"copy": lambda: dst.copy_(src)}, reps, device)["copy"]
+    t = median(times)
+    return {
+        "nbytes": nbytes,
+        "bytes_moved": 2 * nbytes,
+        "median_s": t,
+        "bytes_per_s": 2 * nbytes / t,
+        "times_s": times,
+        "convention": "bytes read + bytes written (a copy of n bytes moves 2 n)",
+    }

@@ -78,6 +78,7 @@ from kvlib.timing import (
     target,
     versions,
 )
+from kvlib.timing import copy_bandwidth as measure_copy
 
 SCHEMA = "kvlib.gpu.bench/1"
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -263,18 +264,7 @@ def copy_bandwidth(device: torch.device | str, nbytes: int | None = None, reps: 
         l2 = _l2_bytes(torch.cuda.get_device_properties(dev))
         nbytes = max(256 * 2**20, 8 * l2)
     check_int("nbytes", nbytes)
-    src = torch.ones(nbytes, dtype=torch.uint8, device=dev)  # (nbytes,)
-    dst = torch.empty_like(src)
-    times = time_cuda({"copy": lambda: dst.copy_(src)}, reps, dev)["copy"]
-    t = median(times)
-    return {
-        "nbytes": nbytes,
-        "bytes_moved": 2 * nbytes,
-        "median_s": t,
-        "bytes_per_s": 2 * nbytes / t,
-        "times_s": times,
-        "convention": "bytes read + bytes written (a copy of n bytes moves 2 n)",
-    }
+    return measure_copy(dev, nbytes, reps, time_fns=time_cuda)
 
 
 # ---- GEMM ---------------------------------------------------------------------------------------
