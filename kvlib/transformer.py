@@ -363,8 +363,10 @@ class Transformer(nn.Module):
         if cache is None:
             start = torch.zeros(B, dtype=torch.long, device=tokens.device)
             start = start if n_pad is None else n_pad.to(tokens.device)  # (B,)
-            pos = _positions(start, 0, T) if position_ids is None else position_ids  # (B, T)
-            self._check_positions(pos, B, T)
+            if position_ids is None:
+                pos = self._check_positions(_positions(start, 0, T), B, T)  # (B, T), T in range
+            else:
+                pos = position_ids
             slots = torch.arange(T, device=tokens.device)  # (S,) with S = T
             valid = slots[None, :] >= start[:, None]  # (B, S)
             mask = causal_mask(T, T, device=tokens.device)[None, None] & valid[:, None, None, :]
