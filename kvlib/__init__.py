@@ -6,23 +6,38 @@ The public names the chapters use are importable from here; every submodule is o
 Layers, lowest first. A module imports kvlib modules of lower layers only (tests/test_layers.py
 checks every import, those inside functions too, so there is no cycle and no upward import):
 
-    0  config  data  metrics  notebook  paged_kernel  timing  gpu  gpu.nvrtc
-    1  attention  rope  memory  flops  serving  gpu.kernels
-    2  cache  gpu.roofline
-    3  paged  quant  eviction
-    4  transformer  gpu.emulate
-    5  generate  chunked  hf  pretrained
-    6  kvlib  train  gpu.bench
-    7  bench  exercises
-    8  exercises.*
+    0  errors
+    1  config  data  metrics  notebook  paged_kernel  timing  gpu  gpu.nvrtc
+    2  attention  rope  memory  flops  serving  gpu.kernels
+    3  cache  gpu.roofline
+    4  paged  quant  eviction
+    5  transformer  gpu.emulate
+    6  generate  chunked  hf  pretrained
+    7  kvlib  train  gpu.bench
+    8  bench  exercises
+    9  exercises.*
 
 The cache interface (`kvlib.cache.Cache`) sits above the attention math because its default
 `attend` runs the grouped attention; every cache sits below the model, which only calls the
 interface.
+
+Shape letters, one meaning each, used in every shape comment:
+
+    B  batch (sequences)            L  layers                 V  vocabulary size
+    T  query tokens in this call    H  query heads            C  model dim (H * D)
+    S  keys: cached tokens          K  key/value heads        F  MLP hidden dim
+    D  head dim                     G  query heads per kv head (H // K)
+    N  blocks in a paged pool       P  tokens per block       M  blocks per sequence (table width)
+    R  residual tokens a quantized cache keeps in full precision
+    W  tokens an eviction policy keeps (its window or budget)
+    m, n, k  the dims of a matrix product (m, k) @ (k, n) -> (m, n), in the GPU kernels only
+
+A chunk of a prompt is T (the query tokens of that call); a whole stream of token ids is (B, S).
 """
 
 from kvlib.cache import Cache, CacheFullError, ConcatKVCache, KVCache, KVCacheError
 from kvlib.config import ConfigError, ModelConfig
+from kvlib.errors import KVLibError
 from kvlib.generate import generate
 from kvlib.pretrained import load_pretrained
 from kvlib.transformer import Transformer
@@ -36,6 +51,7 @@ __all__ = [
     "ConfigError",
     "KVCache",
     "KVCacheError",
+    "KVLibError",
     "ModelConfig",
     "Transformer",
     "generate",

@@ -41,15 +41,7 @@ import torch
 
 from kvlib.attention import grouped_attention
 from kvlib.config import ModelConfig, check_int, dtype_bytes
-
-
-class KVCacheError(ValueError):
-    """Misuse of a KV cache: wrong shape, dtype or device, or a length out of range."""
-
-
-class CacheFullError(KVCacheError):
-    """Appending would go past the cache's preallocated capacity."""
-
+from kvlib.errors import CacheFullError, KVCacheError
 
 # The interface's public members, in the order the module docstring lists them.
 INTERFACE = (

@@ -17,22 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-class ConfigError(ValueError):
-    """A `ModelConfig` whose numbers cannot describe a model."""
-
-
-def check_int(name: str, value: object, low: int = 1, error: type[Exception] = ValueError) -> int:
-    """`value`, checked to be an int >= low: the one integer check every kvlib module uses.
-
-    Anything but an int (a bool or a float too) raises TypeError; an int below `low` raises
-    `error`, a ValueError subclass of the caller's choosing (ConfigError, KVCacheError, ...).
-    """
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise error(f"{name} must be an int >= {low}, got {value}")
-    return value
+from kvlib.errors import ConfigError, check_int
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:

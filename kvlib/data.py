@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from kvlib.errors import AssetError
+
 DATA_DIR = Path(__file__).resolve().parent / "assets"
 CORPUS_PATH = DATA_DIR / "fortunes.txt.xz"
 TOKENIZER_PATH = DATA_DIR / "tokenizer.json"
@@ -83,17 +85,6 @@ def save_corpus(docs: Sequence[str], path: str | Path = CORPUS_PATH) -> str:
     text = DOC_SEPARATOR.join(docs) + "\n"
     Path(path).write_bytes(lzma.compress(text.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-class AssetError(ValueError):
-    """A shipped or saved file that cannot be read: damaged, truncated or of another kind."""
-
-    def __init__(self, path: str | Path, expected: str, err: Exception) -> None:
-        super().__init__(
-            f"{path} is not {expected} ({type(err).__name__}: {err}); the file is damaged or "
-            "truncated: reinstall kvlib, or rewrite it (python -m kvlib.train / kvlib.data)"
-        )
-        self.path = Path(path)
 
 
 def read_json(path: str | Path, expected: str) -> object:

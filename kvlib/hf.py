@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import torch
 
 from kvlib.config import ModelConfig
+from kvlib.errors import WeightLoadError
 from kvlib.transformer import Transformer, check_state_dict
 
 # The fields of a Hugging Face Llama config that a kvlib ModelConfig needs.
@@ -40,10 +41,6 @@ _HF_REQUIRED = (
     "max_position_embeddings",
     "rms_norm_eps",
 )
-
-
-class WeightLoadError(ValueError):
-    """A state dict that does not fit the kvlib model: missing, unexpected or misshapen keys."""
 
 
 _LAYER_NAMES = {

@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 
 from kvlib.config import ModelConfig, check_int, dtype_bytes
+from kvlib.errors import DoesNotFitError, UnknownNameError
 
 KiB = 2**10
 MiB = 2**20
@@ -46,17 +47,6 @@ KB = 10**3
 MB = 10**6
 GB = 10**9
 TB = 10**12
-
-
-class UnknownNameError(KeyError):
-    """A model or GPU name that is not registered (the message suggests the closest names)."""
-
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return str(self.args[0])
-
-
-class DoesNotFitError(ValueError):
-    """The model's weights plus the reserved memory exceed the GPU's memory."""
 
 
 # ---- models ------------------------------------------------------------------------------

@@ -44,13 +44,10 @@ import torch
 from kvlib.attention import attention
 from kvlib.cache import Cache, KVCacheError
 from kvlib.config import ModelConfig, check_int, dtype_bytes
+from kvlib.errors import OutOfBlocksError
 from kvlib.paged_kernel import paged_attention_fused
 
 PAGED_METHODS = ("gather", "blocks", "fused")  # ways `paged_attention` reads the pool
-
-
-class OutOfBlocksError(KVCacheError):
-    """The block pool has too few free blocks; the failed call changed nothing."""
 
 
 def _n_blocks(n_tokens: int, block_size: int) -> int:

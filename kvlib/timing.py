@@ -19,9 +19,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-
-class BenchError(ValueError):
-    """A benchmark asked for something it cannot measure (bad section, device or size)."""
+from kvlib.errors import BenchError
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -28,16 +28,13 @@ import numpy as np
 import torch
 
 from kvlib.config import check_int
+from kvlib.errors import GPUUnavailableError
 from kvlib.gpu.nvrtc import ToolchainError, include_dirs, kernel_source
 
 GEMM_METHODS = ("naive", "tiled", "wmma")
 ATTENTION_METHODS = ("cuda_core", "wmma")
 MAX_HEAD_DIM = 256  # MAX_D of paged_attention.cu
 MIN_TENSOR_CORE_CC = (7, 5)  # the book's target: sm_75 (T4) and newer
-
-
-class GPUUnavailableError(RuntimeError):
-    """No CUDA GPU or no CuPy: the kernels cannot run here (the emulation still can)."""
 
 
 def _check_tensor(name: str, x: object, ndim: int, dtype: torch.dtype, layout: str) -> torch.Tensor:

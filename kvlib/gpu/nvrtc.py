@@ -24,16 +24,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from kvlib.errors import ToolchainError
+
 ARCHS: tuple[int, ...] = (75, 80, 89, 90)  # T4, A100, L4/RTX 40, H100
 KERNEL_FILES: tuple[str, ...] = ("gemm.cu", "paged_attention.cu")
 TENSOR_CORE_KERNELS: tuple[str, ...] = ("gemm_wmma", "paged_attention_wmma")
 COMPILE_OPTIONS: tuple[str, ...] = ("--std=c++17", "-ftz=true")  # what CuPy 14 passes
 
 _KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
-
-
-class ToolchainError(RuntimeError):
-    """The CUDA compiler wheels (NVRTC, headers, ptxas) are missing or a compile failed."""
 
 
 def kernel_source(name: str) -> str:
