@@ -8,9 +8,9 @@ checks every import, those inside functions too, so there is no cycle and no upw
 
     0  errors
     1  config  data  metrics  notebook  paged_kernel  timing  gpu  gpu.nvrtc
-    2  attention  rope  memory  flops  serving  gpu.kernels
-    3  cache  gpu.roofline
-    4  paged  quant  eviction
+    2  attention  rope  registry  flops  serving  gpu.kernels
+    3  cache  memory
+    4  paged  quant  eviction  gpu.roofline
     5  transformer  gpu.emulate
     6  generate  chunked  hf  pretrained
     7  kvlib  train  gpu.bench

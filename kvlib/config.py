@@ -97,7 +97,12 @@ class ModelConfig:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.float16) -> int:
-        """Bytes of K and V cached per token over all layers, at `dtype`."""
+        """Bytes of K and V a kvlib cache of this decoder holds per token: 2 * L * K * D numbers.
+
+        This counts the per-head K and V rows a Llama-style decoder caches. A published model that
+        caches something else (DeepSeek-V2's MLA latent) or a quantized or tensor-parallel cache is
+        counted by `kvlib.memory.kv_bytes_per_token`, which knows the registry's extras.
+        """
         return self.kv_elements_per_token * dtype_bytes(dtype)
 
     @property

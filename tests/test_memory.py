@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kvlib.cache import KVCache
 from kvlib.config import dtype_bytes, tiny
+from kvlib.errors import UnknownNameError
 from kvlib.memory import (
     EXTRAS,
     GB,
@@ -23,14 +24,12 @@ from kvlib.memory import (
     GiB,
     KiB,
     KVQuant,
-    UnknownNameError,
     attention_kind,
     cached_tokens,
     extras,
     format_bytes,
     get_gpu,
     get_model,
-    gpt_n_params,
     kv_bytes_per_token,
     kv_cache_bytes,
     kv_heads_per_gpu,
@@ -40,6 +39,7 @@ from kvlib.memory import (
     n_params,
     weight_bytes,
 )
+from kvlib.registry import gpt_n_params
 
 BIB = Path(__file__).resolve().parent.parent / "book" / "references.bib"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
