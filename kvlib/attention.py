@@ -23,41 +23,43 @@ import math
 
 import torch
 
-from kvlib.config import check_int
+from kvlib.errors import KVLibTypeError, KVLibValueError, check_int
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            raise KVLibTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
+        raise KVLibValueError(
             f"q, k, v must be 4-D (B, H, T, D) / (B, K, S, D); got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
     if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+        raise KVLibValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     B, H, T, D = q.shape
     if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(
+        raise KVLibValueError(
             f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on B or D: "
             "expected k of shape (B, K, S, D) with the B and D of q"
         )
     if k.shape[1] == 0 or H % k.shape[1]:
-        raise ValueError(
+        raise KVLibValueError(
             f"{H} query heads cannot be grouped over {k.shape[1]} kv heads: "
             "H must be a positive multiple of K"
         )
     if k.shape[2] < T:
-        raise ValueError(
+        raise KVLibValueError(
             f"{T} queries but only {k.shape[2]} keys: the keys must include the queries (S >= T)"
         )
     if not q.dtype.is_floating_point or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
+        raise KVLibValueError(
             f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise KVLibValueError(
+            f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+        )
 
 
 def _check_mask(
@@ -67,16 +69,16 @@ def _check_mask(
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+        raise KVLibTypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool (True = attend), got {mask.dtype}")
+        raise KVLibValueError(f"mask must be bool (True = attend), got {mask.dtype}")
     if mask.ndim > 4:
-        raise ValueError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
+        raise KVLibValueError(f"mask must have at most 4 dims, got shape {tuple(mask.shape)}")
     if mask.device != device:
-        raise ValueError(f"mask is on {mask.device}, q/k/v are on {device}")
+        raise KVLibValueError(f"mask is on {mask.device}, q/k/v are on {device}")
     mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))  # (b, h, t, s)
     if not all(m in (1, n) for m, n in zip(mask.shape, (B, H, T, S), strict=True)):
-        raise ValueError(
+        raise KVLibValueError(
             f"mask of shape {tuple(mask.shape)} does not broadcast to (B, H, T, S) = "
             f"({B}, {H}, {T}, {S}): each dim must be 1 or the full size"
         )
@@ -88,7 +90,7 @@ def causal_mask(T: int, S: int, device: torch.device | str = "cpu") -> torch.Ten
     check_int("T", T, low=0)
     check_int("S", S, low=0)
     if S < T:
-        raise ValueError(f"causal mask needs 0 <= T <= S, got T={T}, S={S}")
+        raise KVLibValueError(f"causal mask needs 0 <= T <= S, got T={T}, S={S}")
     q_pos = torch.arange(S - T, S, device=device)  # (T,)
     k_pos = torch.arange(S, device=device)  # (S,)
     return k_pos[None, :] <= q_pos[:, None]  # (T, S)
@@ -108,9 +110,11 @@ def sliding_window_mask(
 def padding_mask(valid: torch.Tensor) -> torch.Tensor:
     """(B, S) bool of real key slots -> (B, 1, 1, S), broadcastable over heads and queries."""
     if not isinstance(valid, torch.Tensor):
-        raise TypeError(f"valid must be a (B, S) bool torch.Tensor, got {type(valid).__name__}")
+        raise KVLibTypeError(
+            f"valid must be a (B, S) bool torch.Tensor, got {type(valid).__name__}"
+        )
     if valid.ndim != 2 or valid.dtype != torch.bool:
-        raise ValueError(
+        raise KVLibValueError(
             f"valid must be a (B, S) bool tensor, got {tuple(valid.shape)} {valid.dtype}"
         )
     return valid[:, None, None, :]  # (B, 1, 1, S)
@@ -123,9 +127,9 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """
     check_int("n_rep", n_rep)  # the group size G = H // K
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"repeat_kv expects a torch.Tensor, got {type(x).__name__}")
+        raise KVLibTypeError(f"repeat_kv expects a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4:
-        raise ValueError(f"repeat_kv expects a 4-D (B, K, S, D) tensor, got {tuple(x.shape)}")
+        raise KVLibValueError(f"repeat_kv expects a 4-D (B, K, S, D) tensor, got {tuple(x.shape)}")
     if n_rep == 1:
         return x
     B, K, S, D = x.shape

@@ -40,8 +40,8 @@ from abc import ABC, abstractmethod
 import torch
 
 from kvlib.attention import grouped_attention
-from kvlib.config import ModelConfig, check_int, dtype_bytes
-from kvlib.errors import CacheFullError, KVCacheError
+from kvlib.config import ModelConfig, dtype_bytes
+from kvlib.errors import CacheFullError, KVCacheError, KVLibIndexError, KVLibTypeError, check_int
 
 # The interface's public members, in the order the module docstring lists them.
 INTERFACE = (
@@ -71,7 +71,7 @@ def overrides(cls: type) -> list[str]:
     """The members of the `Cache` interface that the cache class `cls` defines itself
     (directly or through a parent other than `Cache`); the others are `Cache`'s defaults."""
     if not (isinstance(cls, type) and issubclass(cls, Cache)):
-        raise TypeError(f"expected a kvlib cache class (a subclass of Cache), got {cls!r}")
+        raise KVLibTypeError(f"expected a kvlib cache class (a subclass of Cache), got {cls!r}")
     return [name for name in INTERFACE if getattr(cls, name) is not getattr(Cache, name)]
 
 
@@ -253,8 +253,7 @@ class Cache(ABC):
     def crop(self, n: int) -> None:
         """Keep the first n slots of every layer (roll back rejected speculative tokens)."""
         self._check_between_steps()
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.seq_len:
-            raise KVCacheError(f"crop length must be an int in [0, {self.seq_len}], got {n!r}")
+        check_int("crop length", n, low=0, high=self.seq_len, error=KVCacheError)
         self._len = [n] * self.n_layers
         # a row cropped into its padding holds no real token; its next token starts at slot n
         self._start = self._start.clamp(max=n)
@@ -301,10 +300,11 @@ class Cache(ABC):
             )
 
     def _check_layer(self, layer: int) -> None:
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        check_int("layer", layer, low=None)
         if not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} out of range for a cache of {self.n_layers} layers")
+            raise KVLibIndexError(
+                f"layer {layer} out of range for a cache of {self.n_layers} layers"
+            )
 
     def _check_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, capacity: int | None) -> int:
         """Validate one update; return T, the number of new tokens."""

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlib.errors import ConfigError, check_int
+from kvlib.errors import ConfigError, KVLibTypeError, check_int
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
     """Bytes per element of a torch dtype (fp32 -> 4, bf16 -> 2, int8 -> 1)."""
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"expected a torch.dtype such as torch.float16, got {dtype!r}")
+        raise KVLibTypeError(f"expected a torch.dtype such as torch.float16, got {dtype!r}")
     return torch.empty((), dtype=dtype).element_size()
 
 

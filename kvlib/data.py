@@ -29,7 +29,13 @@ from pathlib import Path
 
 import torch
 
-from kvlib.errors import AssetError
+from kvlib.errors import (
+    AssetError,
+    KVLibIndexError,
+    KVLibTypeError,
+    KVLibValueError,
+    MissingFileError,
+)
 
 DATA_DIR = Path(__file__).resolve().parent / "assets"
 CORPUS_PATH = DATA_DIR / "fortunes.txt.xz"
@@ -59,7 +65,7 @@ def build_corpus(source_dir: str | Path) -> list[str]:
     """
     source = Path(source_dir)
     if not source.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{source} is not a directory; install Debian's fortune files first "
             "(apt-get install fortunes fortunes-min) or pass their directory"
         )
@@ -69,7 +75,7 @@ def build_corpus(source_dir: str | Path) -> list[str]:
         if p.is_file() and not p.is_symlink() and "." not in p.name and p.name not in EXCLUDED_FILES
     )
     if not files:
-        raise FileNotFoundError(f"no fortune files (names without a dot) in {source}")
+        raise MissingFileError(f"no fortune files (names without a dot) in {source}")
     docs: dict[str, None] = {}  # ordered set
     for path in files:
         text = path.read_text(encoding="utf-8")
@@ -91,7 +97,7 @@ def read_json(path: str | Path, expected: str) -> object:
     """The JSON value in `path`; a file that does not parse raises AssetError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing (expected {expected})")
+        raise MissingFileError(f"{path} is missing (expected {expected})")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -102,7 +108,7 @@ def corpus_text(path: str | Path = CORPUS_PATH) -> str:
     """The shipped corpus, decompressed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file {path} is missing (rebuild: python -m kvlib.data)")
+        raise MissingFileError(f"corpus file {path} is missing (rebuild: python -m kvlib.data)")
     try:
         return lzma.decompress(path.read_bytes()).decode("utf-8")
     except (lzma.LZMAError, EOFError, UnicodeDecodeError) as err:
@@ -155,10 +161,10 @@ class BPETokenizer:
         vocab = [bytes([i]) for i in range(256)]
         for n, pair in enumerate(merges):
             if len(pair) != 2:
-                raise ValueError(f"merge {n} must be a pair of ids, got {pair!r}")
+                raise KVLibValueError(f"merge {n} must be a pair of ids, got {pair!r}")
             a, b = (int(x) for x in pair)
             if not (0 <= a < 256 + n and 0 <= b < 256 + n):
-                raise ValueError(
+                raise KVLibValueError(
                     f"merge {n} = {pair!r} refers to an id that does not exist yet "
                     f"(ids 0..{256 + n - 1} are defined before it)"
                 )
@@ -186,7 +192,7 @@ class BPETokenizer:
         are updated incrementally: each merge touches only the pieces containing its pair.
         """
         if not isinstance(vocab_size, int) or vocab_size < 257:
-            raise ValueError(
+            raise KVLibValueError(
                 f"vocab_size must be an int >= 257 (256 bytes + end-of-text), got {vocab_size!r}"
             )
         piece_counts: Counter[str] = Counter()
@@ -245,7 +251,7 @@ class BPETokenizer:
         """Token ids of `text` (the text `<|endoftext|>` is encoded as plain bytes); with
         eot=True the end-of-text id is appended."""
         if not isinstance(text, str):
-            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+            raise KVLibTypeError(f"encode expects a str, got {type(text).__name__}")
         ids = [i for piece in PIECE_RE.findall(text) for i in self._encode_piece(piece)]
         if eot:
             ids.append(self.eot_id)
@@ -256,16 +262,16 @@ class BPETokenizer:
         are not valid UTF-8 (possible for arbitrary ids) decode with replacement characters."""
         if isinstance(ids, torch.Tensor):
             if ids.ndim > 1:
-                raise ValueError(
+                raise KVLibValueError(
                     f"decode takes a 1-D sequence of ids, got shape {tuple(ids.shape)}"
                 )
             if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-                raise TypeError(f"token ids must be integers, got a {ids.dtype} tensor")
+                raise KVLibTypeError(f"token ids must be integers, got a {ids.dtype} tensor")
             ids = ids.tolist()
         parts, buf = [], bytearray()
         for i in ids:
             if not isinstance(i, numbers.Integral) or isinstance(i, bool):
-                raise TypeError(f"token ids must be integers, got {i!r}")
+                raise KVLibTypeError(f"token ids must be integers, got {i!r}")
             i = int(i)
             if i == self.eot_id:
                 parts.append(buf.decode("utf-8", "surrogatepass" if _valid(buf) else "replace"))
@@ -274,7 +280,9 @@ class BPETokenizer:
             elif 0 <= i < self.eot_id:
                 buf += self.vocab[i]
             else:
-                raise IndexError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+                raise KVLibIndexError(
+                    f"token id {i} is outside the vocabulary [0, {self.vocab_size})"
+                )
         parts.append(buf.decode("utf-8", "surrogatepass" if _valid(buf) else "replace"))
         return "".join(parts)
 
@@ -298,9 +306,11 @@ class BPETokenizer:
         """Read a tokenizer written by `save`."""
         data = read_json(path, "a tokenizer written by BPETokenizer.save")
         if not isinstance(data, dict) or data.get("type") != "byte-bpe" or "merges" not in data:
-            raise ValueError(f"{path} is not a byte-bpe tokenizer file (expected type 'byte-bpe')")
+            raise KVLibValueError(
+                f"{path} is not a byte-bpe tokenizer file (expected type 'byte-bpe')"
+            )
         if data.get("pieces") != PIECE_RE.pattern:
-            raise ValueError(
+            raise KVLibValueError(
                 f"{path} was trained with another pre-tokenization pattern "
                 f"({data.get('pieces')!r}); this kvlib uses {PIECE_RE.pattern!r}"
             )

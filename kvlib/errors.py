@@ -11,13 +11,15 @@
     │   ├── WeightLoadError             a state dict that does not fit the model
     │   ├── DoesNotFitError             weights plus reserve exceed a GPU's memory
     │   └── BenchError                  a benchmark asked for something it cannot measure
+    ├── KVLibIndexError (IndexError)    an index out of range (a layer, a token position)
+    ├── MissingFileError (FileNotFoundError)  a file kvlib needs is not there
     ├── UnknownNameError (KeyError)     a model or GPU name that is not registered
     ├── GPUUnavailableError (RuntimeError)  no CUDA GPU or no CuPy
     └── ToolchainError (RuntimeError)   the CUDA compiler wheels are missing or a compile failed
 
 Each class also subclasses the built-in error a caller would expect (ValueError, TypeError,
-KeyError, RuntimeError), so `except ValueError` keeps working. A failed call changes nothing, and
-its message says what was wrong and what was expected.
+IndexError, FileNotFoundError, KeyError, RuntimeError), so `except ValueError` keeps working.
+A failed call changes nothing, and its message says what was wrong and what was expected.
 """
 
 from pathlib import Path
@@ -33,6 +35,14 @@ class KVLibTypeError(KVLibError, TypeError):
 
 class KVLibValueError(KVLibError, ValueError):
     """An argument of the right type whose value is out of range or inconsistent."""
+
+
+class KVLibIndexError(KVLibError, IndexError):
+    """An index out of range: a layer, a token position, a block id."""
+
+
+class MissingFileError(KVLibError, FileNotFoundError):
+    """A file kvlib needs is not there (the message says how to make or get it)."""
 
 
 class ConfigError(KVLibValueError):

@@ -56,7 +56,8 @@ import torch
 
 from kvlib.attention import causal_mask, grouped_attention
 from kvlib.cache import Cache, CacheFullError, KVCacheError
-from kvlib.config import ModelConfig, check_int
+from kvlib.config import ModelConfig
+from kvlib.errors import KVLibTypeError, KVLibValueError, check_int
 from kvlib.rope import apply_rope, rope_tables
 
 Positions = Literal["cache", "original"]
@@ -92,11 +93,8 @@ class EvictionCache(Cache):
         if positions not in POSITIONS:
             raise KVCacheError(f"positions must be one of {POSITIONS}, got {positions!r}")
         rope_len = budget if rope_len is None else rope_len
-        if not isinstance(rope_len, int) or isinstance(rope_len, bool) or rope_len < budget:
-            raise KVCacheError(
-                f"rope_len (the model's RoPE table, config.max_seq_len) must be an int >= "
-                f"budget={budget}: slot positions run up to budget - 1; got {rope_len!r}"
-            )
+        # slot positions run up to budget - 1, inside the model's RoPE table (config.max_seq_len)
+        check_int("rope_len", rope_len, low=budget, error=KVCacheError)
         self.budget = budget
         self.positions = positions
         self.rope_len = rope_len
@@ -126,12 +124,9 @@ class EvictionCache(Cache):
     ) -> EvictionCache:
         """A cache of `budget` tokens shaped for `config` (policy arguments by keyword)."""
         if not isinstance(config, ModelConfig):
-            raise TypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget > config.max_seq_len:
-            raise KVCacheError(
-                f"budget must be an int <= config.max_seq_len={config.max_seq_len} (slot "
-                f"positions must stay inside the RoPE table), got {budget!r}"
-            )
+            raise KVLibTypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
+        # slot positions must stay inside the RoPE table: budget <= config.max_seq_len
+        check_int("budget", budget, high=config.max_seq_len, error=KVCacheError)
         return cls(
             config.n_layers,
             batch_size,
@@ -271,7 +266,7 @@ class EvictionCache(Cache):
     def _check_room(self, T: int) -> None:
         """Policy limits on the T tokens of one step (raise before anything changes)."""
         if T > self.budget:
-            raise ValueError(
+            raise KVLibValueError(
                 f"{T} new tokens cannot fit a budget of {self.budget}: feed at most "
                 f"{self.budget} at a time"
             )
@@ -364,8 +359,7 @@ class SinkCache(EvictionCache):
 
     def __init__(self, *args, n_sink: int = 4, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if not isinstance(n_sink, int) or isinstance(n_sink, bool) or n_sink < 0:
-            raise KVCacheError(f"n_sink must be an int >= 0, got {n_sink!r}")
+        check_int("n_sink", n_sink, low=0, error=KVCacheError)
         if n_sink >= self.budget:
             raise KVCacheError(
                 f"n_sink={n_sink} leaves no room for recent tokens in a budget of {self.budget}: "
@@ -375,7 +369,7 @@ class SinkCache(EvictionCache):
 
     def _check_room(self, T: int) -> None:
         if T > self.budget - self.n_sink:
-            raise ValueError(
+            raise KVLibValueError(
                 f"{T} new tokens cannot fit beside {self.n_sink} sink tokens in a budget of "
                 f"{self.budget}: feed at most {self.budget - self.n_sink} at a time"
             )
@@ -399,10 +393,7 @@ class H2OCache(EvictionCache):
     def __init__(self, *args, n_recent: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         n_recent = self.budget // 2 if n_recent is None else n_recent
-        if not isinstance(n_recent, int) or isinstance(n_recent, bool):
-            raise KVCacheError(f"n_recent must be an int, got {n_recent!r}")
-        if not 0 <= n_recent <= self.budget:
-            raise KVCacheError(f"n_recent must be in [0, budget={self.budget}], got {n_recent}")
+        check_int("n_recent", n_recent, low=0, high=self.budget, error=KVCacheError)
         self.n_recent = n_recent
         B, K, W = self.batch_size, self.n_kv_heads, self.budget
         self.scores = [

@@ -15,13 +15,14 @@ plus the output head, 2 * T * C * V. Norms, RoPE and softmax are O(T * C) and le
 from __future__ import annotations
 
 from kvlib.config import ModelConfig
+from kvlib.errors import KVLibValueError
 
 
 def forward_flops(config: ModelConfig, T: int, S: int | None = None) -> int:
     """FLOPs of one forward pass: T new tokens attending to S keys (S = T without a cache)."""
     S = T if S is None else S
     if T < 1 or S < T:
-        raise ValueError(f"need 1 <= T <= S, got T={T}, S={S}")
+        raise KVLibValueError(f"need 1 <= T <= S, got T={T}, S={S}")
     c, d, h, k = config.dim, config.head_dim, config.n_heads, config.n_kv_heads
     per_layer = (
         2 * T * c * (h + 2 * k) * d  # q, k, v projections
@@ -39,7 +40,7 @@ def generation_flops(config: ModelConfig, prompt_len: int, new_tokens: int, cach
     prompt runs once (prefill) and each step runs one token against everything cached (decode).
     """
     if prompt_len < 1 or new_tokens < 1:
-        raise ValueError(
+        raise KVLibValueError(
             f"need prompt_len >= 1 and new_tokens >= 1, got {prompt_len}, {new_tokens}"
         )
     if not cached:

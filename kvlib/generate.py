@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kvlib.cache import Cache, KVCache
-from kvlib.config import check_int
+from kvlib.errors import KVLibTypeError, KVLibValueError, check_int
 from kvlib.transformer import Transformer, check_tokens, left_padding
 
 # ---- batching helpers --------------------------------------------------------------------------
@@ -31,10 +31,10 @@ def left_pad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts of different lengths into tokens (B, T) and attention_mask (B, T)."""
     if len(prompts) == 0:
-        raise ValueError("left_pad needs at least one prompt")
+        raise KVLibValueError("left_pad needs at least one prompt")
     rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
     if any(r.numel() == 0 for r in rows):
-        raise ValueError("every prompt needs at least one token")
+        raise KVLibValueError("every prompt needs at least one token")
     T = max(r.numel() for r in rows)
     tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
@@ -91,34 +91,28 @@ def _check_args(
     model, prompt, max_new_tokens, temperature, top_k, top_p, generator, seed, eos_token_id
 ):
     if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
+        raise KVLibTypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
     check_tokens(prompt, model.config.vocab_size, "prompt")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool):
-        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_int("max_new_tokens", max_new_tokens)
     total = prompt.shape[1] + max_new_tokens
     if total > model.config.max_seq_len:
-        raise ValueError(
+        raise KVLibValueError(
             f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
             f"config.max_seq_len={model.config.max_seq_len}"
         )
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        raise KVLibValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        raise KVLibValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None:
+        check_int("top_k", top_k)
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+        raise KVLibValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     if generator is not None and seed is not None:
-        raise ValueError("pass either generator or seed, not both")
+        raise KVLibValueError("pass either generator or seed, not both")
     if eos_token_id is not None:
         V = model.config.vocab_size
-        if not isinstance(eos_token_id, int) or isinstance(eos_token_id, bool):
-            raise TypeError(f"eos_token_id must be None or an int, got {eos_token_id!r}")
-        if not 0 <= eos_token_id < V:
-            raise ValueError(f"eos_token_id={eos_token_id} is outside the vocabulary [0, {V})")
+        check_int("eos_token_id", eos_token_id, low=0, high=V - 1)
 
 
 # ---- generate ----------------------------------------------------------------------------------
@@ -163,7 +157,7 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     if not use_cache and (cache is not None or cache_dtype is not None):
-        raise ValueError("cache and cache_dtype need use_cache=True")
+        raise KVLibValueError("cache and cache_dtype need use_cache=True")
     if use_cache:
         if cache is None:
             cache = KVCache.from_config(
@@ -174,7 +168,7 @@ def generate(
                 device=device,
             )
         elif cache_dtype is not None:
-            raise ValueError("pass cache_dtype or a ready-made cache, not both")
+            raise KVLibValueError("pass cache_dtype or a ready-made cache, not both")
         model.check_cache(cache, B, T + max_new_tokens - 1)  # the last token is not fed
 
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # (B, T + n)
@@ -233,7 +227,7 @@ def teacher_forced_logits(
     as it was.
     """
     if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
+        raise KVLibTypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
     check_tokens(tokens, model.config.vocab_size)  # (B, N): the whole stream
     B, N = tokens.shape
     model.check_cache(cache, B, N)
@@ -241,7 +235,7 @@ def teacher_forced_logits(
     first = max(1, min(N, room)) if prefill is None else prefill
     check_int("prefill", first, 1)
     if first > N:
-        raise ValueError(f"prefill={first} is longer than the stream of {N} tokens")
+        raise KVLibValueError(f"prefill={first} is longer than the stream of {N} tokens")
     out = torch.empty(B, N, model.config.vocab_size, dtype=torch.float32, device=model.device)
     tokens = tokens.to(model.device)
     state = cache.checkpoint()

@@ -29,8 +29,8 @@ from typing import Literal
 
 import torch
 
-from kvlib.config import ModelConfig, check_int, dtype_bytes
-from kvlib.errors import DoesNotFitError
+from kvlib.config import ModelConfig, dtype_bytes
+from kvlib.errors import DoesNotFitError, KVLibTypeError, KVLibValueError, check_int
 from kvlib.registry import (
     EXTRAS,
     GB,
@@ -103,19 +103,21 @@ class KVQuant:
     def __post_init__(self) -> None:
         check_int("group_size", self.group_size)
         if not isinstance(self.bits, int) or not 1 <= self.bits <= 32:
-            raise ValueError(f"bits must be an int in [1, 32], got {self.bits!r}")
+            raise KVLibValueError(f"bits must be an int in [1, 32], got {self.bits!r}")
         if not isinstance(self.overhead_bytes, int) or self.overhead_bytes < 0:
-            raise ValueError(f"overhead_bytes must be an int >= 0, got {self.overhead_bytes!r}")
+            raise KVLibValueError(
+                f"overhead_bytes must be an int >= 0, got {self.overhead_bytes!r}"
+            )
 
     def nbytes(self, n_elements: int) -> int:
         """Bytes for one row of `n_elements` numbers (whole groups, whole bytes)."""
         if n_elements % self.group_size:
-            raise ValueError(
+            raise KVLibValueError(
                 f"a row of {n_elements} numbers does not split into groups of {self.group_size}:"
                 " pick a group size that divides it"
             )
         if n_elements * self.bits % 8:
-            raise ValueError(
+            raise KVLibValueError(
                 f"{n_elements} numbers at {self.bits} bits is not a whole number of bytes"
             )
         return n_elements * self.bits // 8 + n_elements // self.group_size * self.overhead_bytes
@@ -127,7 +129,7 @@ def kv_heads_per_gpu(model: ModelConfig | str, tp: int = 1) -> int:
     check_int("tp", tp)
     k = config.n_kv_heads
     if k % tp and tp % k:
-        raise ValueError(
+        raise KVLibValueError(
             f"tp={tp} GPUs cannot share {k} kv heads evenly: tp must divide K={k} "
             "or be a multiple of it"
         )
@@ -163,7 +165,7 @@ def kv_bytes_per_token(
     row = kv_elements_per_token_per_layer(config, tp)
     if quant is not None:
         if not isinstance(quant, KVQuant):
-            raise TypeError(f"quant must be a KVQuant, got {type(quant).__name__}")
+            raise KVLibTypeError(f"quant must be a KVQuant, got {type(quant).__name__}")
         return config.n_layers * quant.nbytes(row)
     return config.n_layers * row * dtype_bytes(dtype)
 
@@ -181,10 +183,7 @@ def cached_tokens(model: ModelConfig | str, seq_len: int, window: Window = "mode
 
     window: "model" = the model's own (see `sliding_window`), None = full attention, or W.
     """
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool):
-        raise TypeError(f"seq_len must be an int, got {seq_len!r}")
-    if seq_len < 0:
-        raise ValueError(f"seq_len must be >= 0 tokens, got {seq_len}")
+    check_int("seq_len", seq_len, low=0)
     if window == "model":
         window = sliding_window(model)
     if window is None:
@@ -239,9 +238,9 @@ def memory_budget(
     """
     config, gpu = as_config(model), as_gpu(gpu)
     if not isinstance(reserved_bytes, int) or reserved_bytes < 0:
-        raise ValueError(f"reserved_bytes must be an int >= 0, got {reserved_bytes!r}")
+        raise KVLibValueError(f"reserved_bytes must be an int >= 0, got {reserved_bytes!r}")
     if not 0.0 <= reserved_fraction < 1.0:
-        raise ValueError(f"reserved_fraction must be in [0, 1), got {reserved_fraction!r}")
+        raise KVLibValueError(f"reserved_fraction must be in [0, 1), got {reserved_fraction!r}")
     weights = weight_bytes(config, weight_dtype, tp=tp)
     reserved = reserved_bytes + int(reserved_fraction * gpu.memory_bytes)
     kv = gpu.memory_bytes - weights - reserved
@@ -319,7 +318,7 @@ def max_batch(
 def format_bytes(n: float) -> str:
     """'1.68 GB (1.56 GiB)': decimal and binary side by side, so units never get mixed up."""
     if n < 0:
-        raise ValueError(f"a byte count must be >= 0, got {n}")
+        raise KVLibValueError(f"a byte count must be >= 0, got {n}")
     units = ((TB, "TB", 2**40, "TiB"), (GB, "GB", GiB, "GiB"), (MB, "MB", MiB, "MiB"))
     for dec, dec_name, binary, bin_name in (*units, (KB, "KB", KiB, "KiB")):
         if n >= dec:

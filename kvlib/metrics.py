@@ -16,15 +16,17 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kvlib.errors import KVLibTypeError, KVLibValueError
+
 
 def _check_logits(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.ndim != 3 or not x.dtype.is_floating_point:
-        raise ValueError(
+        raise KVLibValueError(
             f"{name} must be a floating (B, N, V) tensor, got "
             f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
         )
     if x.numel() == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+        raise KVLibValueError(f"{name} is empty: shape {tuple(x.shape)}")
     return x
 
 
@@ -32,9 +34,9 @@ def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """exp of the mean cross-entropy of logits (B, N, V) against targets (B, N), in fp32."""
     _check_logits("logits", logits)
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"targets must be a tensor of token ids, got {type(targets).__name__}")
+        raise KVLibTypeError(f"targets must be a tensor of token ids, got {type(targets).__name__}")
     if tuple(targets.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
+        raise KVLibValueError(
             f"targets {tuple(targets.shape)} must have the (B, N) of logits {tuple(logits.shape)}"
         )
     nll = F.cross_entropy(logits.float().flatten(0, 1), targets.long().flatten())  # (B*N, V)
@@ -46,7 +48,7 @@ def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
     _check_logits("logits", logits)
     _check_logits("reference", reference)
     if logits.shape != reference.shape:
-        raise ValueError(
+        raise KVLibValueError(
             f"logits {tuple(logits.shape)} and reference {tuple(reference.shape)} differ in shape"
         )
     return (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
@@ -56,11 +58,11 @@ def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     """||x - reference|| / ||reference|| over all elements, in fp32 (any equal shapes)."""
     for name, t in (("x", x), ("reference", reference)):
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating tensor, got {type(t).__name__}")
+            raise KVLibTypeError(f"{name} must be a floating tensor, got {type(t).__name__}")
     if x.shape != reference.shape:
-        raise ValueError(f"x {tuple(x.shape)} and reference {tuple(reference.shape)} differ")
+        raise KVLibValueError(f"x {tuple(x.shape)} and reference {tuple(reference.shape)} differ")
     ref = reference.float()
     norm = ref.norm().item()
     if norm == 0.0:
-        raise ValueError("reference is all zeros: a relative error is undefined")
+        raise KVLibValueError("reference is all zeros: a relative error is undefined")
     return ((x.float() - ref).norm() / norm).item()

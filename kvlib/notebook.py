@@ -20,6 +20,8 @@ import random
 import numpy as np
 import torch
 
+from kvlib.errors import KVLibValueError
+
 REPOSITORY_URL = "https://github.com/kvcache-book/kvcache-book"
 
 BOOTSTRAP = f"""\
@@ -44,9 +46,9 @@ def within(diff: float, tol: float) -> str:
     """
     diff, tol = float(diff), float(tol)
     if not tol > 0 or math.isinf(tol):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+        raise KVLibValueError(f"tol must be a positive finite number, got {tol!r}")
     if diff < 0:
-        raise ValueError(f"diff is a distance and cannot be negative, got {diff!r}")
+        raise KVLibValueError(f"diff is a distance and cannot be negative, got {diff!r}")
     if diff < tol:  # nan is never below: it prints as a failure
         return f"< {tol:.0e}"
     return f"{diff:.1e}, NOT < {tol:.0e}"

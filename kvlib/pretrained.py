@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from kvlib.config import ModelConfig
 from kvlib.data import DATA_DIR, AssetError, BPETokenizer, read_json
+from kvlib.errors import KVLibTypeError, KVLibValueError, MissingFileError
 from kvlib.transformer import Transformer, check_state_dict
 
 WEIGHTS_FILE = "model.safetensors"
@@ -44,7 +45,7 @@ def save_model(model: Transformer, out: Path) -> None:
 def load_weights(model: Transformer, path: Path) -> None:
     """Load float16 safetensors into `model` (any dtype/device), strictly."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} is missing (expected safetensors weights)")
+        raise MissingFileError(f"{path} is missing (expected safetensors weights)")
     try:
         state = load_file(str(path))
     except Exception as err:  # safetensors raises its own error type for a damaged file
@@ -58,14 +59,16 @@ def load_weights(model: Transformer, path: Path) -> None:
 def _read_config(path: Path) -> dict:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no {CONFIG_FILE} in {path}: train a model there first (python -m kvlib.train "
             f"--out {path})"
         )
     meta = read_json(config_path, "the config.json written by kvlib.train")
     for key in ("model", "weights", "tokenizer"):
         if not isinstance(meta, dict) or key not in meta:
-            raise ValueError(f"{config_path} has no '{key}' entry (not written by kvlib.train?)")
+            raise KVLibValueError(
+                f"{config_path} has no '{key}' entry (not written by kvlib.train?)"
+            )
     return meta
 
 
@@ -84,7 +87,7 @@ def load_pretrained(
     The model is in eval mode, with weights of `dtype` (fp32 by default) on `device`.
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(
+        raise KVLibTypeError(
             f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}"
         )
     path = Path(path)
@@ -92,7 +95,7 @@ def load_pretrained(
     config = ModelConfig(**meta["model"])
     tokenizer = BPETokenizer.load(path / meta["tokenizer"])
     if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(
+        raise KVLibValueError(
             f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the model expects "
             f"vocab_size={config.vocab_size}"
         )

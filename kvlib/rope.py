@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from kvlib.errors import KVLibValueError
+
 
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float = 10000.0
@@ -24,7 +26,7 @@ def rope_cos_sin(
     Hugging Face's Llama. Computed in fp32 whatever the model's dtype, then cast by the caller.
     """
     if head_dim % 2:
-        raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+        raise KVLibValueError(f"head_dim must be even for RoPE, got {head_dim}")
     device = positions.device
     inv_freq = 1.0 / (
         theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)

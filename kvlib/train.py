@@ -43,6 +43,7 @@ from kvlib.data import (
     split_corpus,
     unigram_loss,
 )
+from kvlib.errors import KVLibValueError
 from kvlib.pretrained import (
     CONFIG_FILE,
     TOKENIZER_FILE,
@@ -78,7 +79,9 @@ def random_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """B random windows of the stream: inputs x and next-token targets y, each (B, T)."""
     if ids.numel() < seq_len + 1:
-        raise ValueError(f"the token stream has {ids.numel()} ids, need at least {seq_len + 1}")
+        raise KVLibValueError(
+            f"the token stream has {ids.numel()} ids, need at least {seq_len + 1}"
+        )
     starts = torch.randint(0, ids.numel() - seq_len, (batch_size,), generator=generator)  # (B,)
     offsets = torch.arange(seq_len + 1)  # (T + 1,)
     windows = ids[starts[:, None] + offsets[None, :]]  # (B, T + 1)
@@ -94,7 +97,9 @@ def eval_windows(ids: torch.Tensor, seq_len: int, n_windows: int | None = None) 
     n_all = (ids.numel() - 1) // seq_len
     n = n_all if n_windows is None else min(n_windows, n_all)
     if n < 1:
-        raise ValueError(f"the token stream has {ids.numel()} ids, need at least {seq_len + 1}")
+        raise KVLibValueError(
+            f"the token stream has {ids.numel()} ids, need at least {seq_len + 1}"
+        )
     starts = torch.arange(n) * seq_len  # (N,)
     return ids[starts[:, None] + torch.arange(seq_len + 1)[None, :]]  # (N, T + 1)
 
@@ -158,7 +163,7 @@ def train(
 ) -> dict:
     """Train, save to `out`, and return the run record written into config.json."""
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+        raise KVLibValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     t_start = time.perf_counter()
     threads = threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)

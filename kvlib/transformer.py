@@ -27,6 +27,7 @@ from torch import nn
 from kvlib.attention import causal_mask, grouped_attention
 from kvlib.cache import Cache, KVCacheError, position_ids
 from kvlib.config import ModelConfig
+from kvlib.errors import KVLibTypeError, KVLibValueError
 from kvlib.rope import apply_rope, rope_cos_sin, rope_tables
 
 # ---- building blocks ---------------------------------------------------------------------------
@@ -134,19 +135,21 @@ def check_tokens(tokens: torch.Tensor, vocab_size: int, name: str = "tokens") ->
     streaming all call it, so misuse reads the same everywhere.
     """
     if not isinstance(tokens, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+        raise KVLibTypeError(
+            f"{name} must be a torch.Tensor of token ids, got {type(tokens).__name__}"
+        )
     if tokens.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name} must be int64 token ids, got {tokens.dtype}")
+        raise KVLibTypeError(f"{name} must be int64 token ids, got {tokens.dtype}")
     if tokens.ndim != 2:
-        raise ValueError(
+        raise KVLibValueError(
             f"{name} must have shape (B, T), got {tuple(tokens.shape)} "
             f"(add a batch axis with {name}[None])"
         )
     if tokens.shape[0] == 0 or tokens.shape[1] == 0:
-        raise ValueError(f"empty input: {name} has shape {tuple(tokens.shape)}")
+        raise KVLibValueError(f"empty input: {name} has shape {tuple(tokens.shape)}")
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
+        raise KVLibValueError(f"token ids must be in [0, {vocab_size}), got values in [{lo}, {hi}]")
 
 
 def check_state_dict(
@@ -195,23 +198,23 @@ def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     Raises ValueError unless every row is zeros then ones (at least one 1).
     """
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
-        raise ValueError(
+        raise KVLibValueError(
             f"attention_mask must be a (B, T) tensor of 0/1, got "
             f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}"
         )
     m = attention_mask.long()
     if bool(((m != 0) & (m != 1)).any()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        raise KVLibValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
     if m.shape[1] > 1 and bool((m[:, 1:] < m[:, :-1]).any()):
         rows = torch.nonzero((m[:, 1:] < m[:, :-1]).any(1)).flatten().tolist()
-        raise ValueError(
+        raise KVLibValueError(
             f"attention_mask rows {rows} have a 1 followed by a 0: only LEFT padding is "
             "supported (pad at the start of each row, real tokens last)"
         )
     n_real = m.sum(1)  # (B,)
     if bool((n_real == 0).any()):
         rows = torch.nonzero(n_real == 0).flatten().tolist()
-        raise ValueError(f"attention_mask rows {rows} have no real tokens")
+        raise KVLibValueError(f"attention_mask rows {rows} have no real tokens")
     return m.shape[1] - n_real  # (B,)
 
 
@@ -232,7 +235,7 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, init_std: float = 0.02) -> None:
         super().__init__()
         if not isinstance(config, ModelConfig):
-            raise TypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
+            raise KVLibTypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
@@ -282,7 +285,7 @@ class Transformer(nn.Module):
         and positions for `n_fed` more tokens (the checks generate and chunked prefill make
         before a run of several forward passes)."""
         if not isinstance(cache, Cache):
-            raise TypeError(
+            raise KVLibTypeError(
                 f"cache must be a kvlib cache (a kvlib.cache.Cache), got {type(cache).__name__}"
             )
         cache.check_config(self.config)
@@ -292,7 +295,7 @@ class Transformer(nn.Module):
             cache.check_room(n_fed)
             last = cache.max_position(n_fed)
             if last >= self.config.max_seq_len:
-                raise ValueError(
+                raise KVLibValueError(
                     f"the cache holds {cache.seq_len} tokens; feeding {n_fed} more would reach "
                     f"position {last}, past config.max_seq_len={self.config.max_seq_len}"
                 )
@@ -304,12 +307,12 @@ class Transformer(nn.Module):
         if attention_mask is None:
             return None
         if S0 > 0:
-            raise ValueError(
+            raise KVLibValueError(
                 f"attention_mask describes left padding of a prompt and needs an empty "
                 f"cache; this one holds {S0} tokens (padding is kept by the cache)"
             )
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
-            raise ValueError(
+            raise KVLibValueError(
                 f"attention_mask must have the shape of tokens {(B, T)}, "
                 f"got {tuple(getattr(attention_mask, 'shape', ()))}"
             )
@@ -317,15 +320,15 @@ class Transformer(nn.Module):
 
     def _check_positions(self, pos: torch.Tensor, B: int, T: int) -> torch.Tensor:
         if not isinstance(pos, torch.Tensor) or tuple(pos.shape) != (B, T):
-            raise ValueError(
+            raise KVLibValueError(
                 f"position_ids must be an integer tensor of shape {(B, T)}, got "
                 f"{tuple(getattr(pos, 'shape', ()))}"
             )
         if pos.dtype.is_floating_point or pos.dtype == torch.bool:
-            raise ValueError(f"position_ids must be an integer tensor, got {pos.dtype}")
+            raise KVLibValueError(f"position_ids must be an integer tensor, got {pos.dtype}")
         lo, hi = int(pos.min()), int(pos.max())
         if lo < 0 or hi >= self.config.max_seq_len:
-            raise ValueError(
+            raise KVLibValueError(
                 f"positions must be in [0, {self.config.max_seq_len}) (config.max_seq_len, the "
                 f"RoPE table's length), got [{lo}, {hi}]"
             )

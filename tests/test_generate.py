@@ -189,12 +189,12 @@ def test_prompt_is_not_modified(model):
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
-        (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
+        (dict(max_new_tokens=0), ValueError, "max_new_tokens must be an int >= 1, got 0"),
         (dict(max_new_tokens=2.0), TypeError, "max_new_tokens must be an int"),
         (dict(max_new_tokens=200), ValueError, "exceeds config.max_seq_len=128"),
         (dict(temperature=-1.0), ValueError, "temperature must be >= 0"),
         (dict(temperature=float("nan")), ValueError, "finite number"),
-        (dict(top_k=0), ValueError, "top_k must be None or an int >= 1"),
+        (dict(top_k=0), ValueError, "top_k must be an int >= 1, got 0"),
         (dict(top_p=0.0), ValueError, r"top_p must be None or a number in \(0, 1\]"),
         (dict(top_p=1.5), ValueError, r"top_p must be None or a number in \(0, 1\]"),
         (dict(seed=1, generator=torch.Generator()), ValueError, "either generator or seed"),
@@ -277,7 +277,9 @@ def test_check_greedy_loop_accepts_right_and_rejects_wrong():
 
 def test_eos_outside_the_vocabulary_is_refused(model):
     for eos in (64, -1):
-        with pytest.raises(ValueError, match=f"eos_token_id={eos} is outside the vocabulary"):
+        with pytest.raises(
+            ValueError, match=rf"eos_token_id must be an int in \[0, 63\], got {eos}"
+        ):
             generate(model, prompt(), 3, eos_token_id=eos)
-    with pytest.raises(TypeError, match="eos_token_id must be None or an int"):
+    with pytest.raises(TypeError, match="eos_token_id must be an int"):
         generate(model, prompt(), 3, eos_token_id=1.0)

@@ -328,7 +328,7 @@ def test_weights_that_do_not_fit():
 
 
 def test_negative_length_and_bad_batch():
-    with pytest.raises(ValueError, match="seq_len must be >= 0 tokens, got -1"):
+    with pytest.raises(ValueError, match="seq_len must be an int >= 0, got -1"):
         kv_cache_bytes("Llama-2-7B", -1)
     with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
         kv_cache_bytes("Llama-2-7B", 10, 0)
