@@ -10,9 +10,9 @@ checks every import, those inside functions too, so there is no cycle and no upw
     1  config  data  metrics  notebook  paged_kernel  timing  gpu  gpu.nvrtc
     2  attention  rope  registry  flops  serving  gpu.kernels
     3  cache  memory
-    4  paged  quant  eviction  gpu.roofline
-    5  transformer  gpu.emulate
-    6  generate  chunked  hf  pretrained
+    4  paged  quant  eviction.base  gpu.roofline
+    5  eviction.policies  transformer  gpu.emulate
+    6  eviction  generate  chunked  hf  pretrained
     7  kvlib  train  gpu.bench
     8  bench  exercises
     9  exercises.*
