@@ -107,6 +107,15 @@ def sliding_window_mask(
     return causal & (k_pos > q_pos - window)  # (T, S)
 
 
+def real_slots(start: torch.Tensor, S: int) -> torch.Tensor:
+    """(B, S) bool: True where slot s of row b holds a real token, i.e. s >= start[b].
+
+    start (B,): the first real slot of each row (its left padding); the one place kvlib turns
+    a row's padding into a mask."""
+    slots = torch.arange(S, device=start.device)  # (S,)
+    return slots[None, :] >= start[:, None]  # (B, S)
+
+
 def padding_mask(valid: torch.Tensor) -> torch.Tensor:
     """(B, S) bool of real key slots -> (B, 1, 1, S), broadcastable over heads and queries."""
     if not isinstance(valid, torch.Tensor):

@@ -39,7 +39,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from kvlib.attention import grouped_attention
+from kvlib.attention import grouped_attention, real_slots
 from kvlib.config import ModelConfig, dtype_bytes
 from kvlib.errors import CacheFullError, KVCacheError, KVLibIndexError, KVLibTypeError, check_int
 
@@ -150,8 +150,7 @@ class Cache(ABC):
 
     def valid_mask(self, S: int) -> torch.Tensor:
         """(B, S) bool: True where slot s of row b holds a real token."""
-        slots = torch.arange(S, device=self.device)  # (S,)
-        return slots[None, :] >= self._start[:, None]  # (B, S)
+        return real_slots(self._start, S)  # (B, S)
 
     def set_left_padding(self, n_pad: torch.Tensor) -> None:
         """Declare that the first n_pad[b] slots of row b will be padding. Empty cache only."""

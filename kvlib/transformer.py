@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvlib.attention import causal_mask, grouped_attention
+from kvlib.attention import causal_mask, grouped_attention, real_slots
 from kvlib.cache import Cache, KVCacheError, position_ids
 from kvlib.config import ModelConfig
 from kvlib.errors import KVLibTypeError, KVLibValueError
@@ -370,8 +370,7 @@ class Transformer(nn.Module):
                 pos = self._check_positions(_positions(start, 0, T), B, T)  # (B, T), T in range
             else:
                 pos = position_ids
-            slots = torch.arange(T, device=tokens.device)  # (S,) with S = T
-            valid = slots[None, :] >= start[:, None]  # (B, S)
+            valid = real_slots(start, T)  # (B, S) with S = T
             mask = causal_mask(T, T, device=tokens.device)[None, None] & valid[:, None, None, :]
             return self._run(tokens, pos, mask, None, last_only)
         state = cache.checkpoint()

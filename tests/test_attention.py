@@ -437,3 +437,11 @@ def test_error_repeat_kv_arguments():
         repeat_kv(x[0], 2)
     with pytest.raises(TypeError, match="expects a torch.Tensor"):
         repeat_kv(x.numpy(), 2)
+
+
+def test_real_slots_marks_slots_at_or_after_each_rows_start():
+    from kvlib.attention import real_slots
+
+    got = real_slots(torch.tensor([0, 2, 4]), 4)
+    want = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(got, want)
