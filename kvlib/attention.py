@@ -201,16 +201,12 @@ def attention(
     return grouped_attention(q, k, v, mask, scale)
 
 
-def grouped_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float | None = None,
+def grouped_weights(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
 ) -> torch.Tensor:
-    """`attention` without the input checks: the grouped attention the model's layers and the
-    caches run on q, k, v and a mask they built themselves. mask: None or bool, each dim 1 or
-    full, at most 4 dims."""
+    """The attention weights (B, K, G, T, S) of q (B, H, T, D) over k (B, K, S, D), in fp32
+    (fp64 for fp64 inputs): the G query heads of kv head h stacked as rows, so k is never
+    repeated. mask: None or bool, each dim 1 or full, at most 4 dims."""
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K
@@ -227,8 +223,23 @@ def grouped_attention(
         b, h, t, s = mask.shape
         # per-head (b, H, t, s) -> (b, K, G, t, s); shared (b, 1, t, s) -> (b, 1, 1, t, s)
         mask = mask.reshape(b, K, G, t, s) if h == H else mask[:, :, None]
-    weights = _masked_softmax(scores, mask)  # (B, K, G, T, S) fp32 or fp64
-    weights = weights.reshape(B, K, G * T, S)  # (B, K, G*T, S)
+    return _masked_softmax(scores, mask)  # (B, K, G, T, S)
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`attention` without the input checks: the grouped attention the model's layers and the
+    caches run on q, k, v and a mask they built themselves. mask: None or bool, each dim 1 or
+    full, at most 4 dims."""
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    weights = grouped_weights(q, k, mask, scale)  # (B, K, G, T, S) fp32 or fp64
+    weights = weights.reshape(B, K, H // K * T, S)  # (B, K, G*T, S)
     if weights.dtype != v.dtype:
         weights = weights.to(v.dtype)
     out = weights @ v  # (B, K, G*T, D)

@@ -13,16 +13,9 @@ per-step hook:
                                 layers at once) so that seq_len + T <= budget
 
 so `kvlib.generate` and any loop over `model(tokens, cache)` drive these caches unchanged.
-Slots always hold tokens in stream order, the newest last. Policies (`kvlib.eviction.policies`)
-differ only in which tokens `prepare` keeps:
-
-    FullCache           never evicts (the reference); overflowing raises CacheFullError
-    SlidingWindowCache  the last W tokens
-    SinkCache           StreamingLLM (Xiao et al. 2024): the first n_sink tokens (the
-                        "attention sinks") + the last W - n_sink
-    H2OCache            Heavy-Hitter Oracle (Zhang et al. 2023): the n_recent most recent
-                        tokens + the W - n_recent older ones with the largest accumulated
-                        attention
+Slots always hold tokens in stream order, the newest last. The policies
+(`kvlib.eviction.policies`: full, sliding window, attention sinks, H2O) differ only in which
+tokens `prepare` keeps.
 
 Positions (the `next_positions` hook). `positions="cache"` (the default, as in StreamingLLM)
 numbers tokens by their slot: a key is rotated at read time to the slot it sits in now, and
@@ -48,13 +41,12 @@ them back: a step that fails after evicting changes nothing.
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from typing import Literal
 
 import torch
 
-from kvlib.attention import causal_mask
+from kvlib.attention import causal_mask, grouped_weights
 from kvlib.cache import Cache, KVCacheError
 from kvlib.config import ModelConfig
 from kvlib.errors import KVLibTypeError, KVLibValueError, check_int
@@ -329,13 +321,8 @@ def attention_received(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     of each kv head and over the T queries. Each query spreads 1 over the keys, so the
     scores of a kv head sum to G * T.
     """
-    B, H, T, D = q.shape
-    K, S = k.shape[1], k.shape[2]
-    G = H // K
+    T, S = q.shape[2], k.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-    qg = q.to(acc).reshape(B, K, G * T, D)  # (B, K, G*T, D): a group's queries as rows
-    scores = (qg @ k.to(acc).transpose(-1, -2)) / math.sqrt(D)  # (B, K, G*T, S)
-    scores = scores.reshape(B, K, G, T, S)  # (B, K, G, T, S)
     mask = causal_mask(T, S, device=q.device)  # (T, S)
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)  # (B,K,G,T,S)
+    weights = grouped_weights(q.to(acc), k.to(acc), mask)  # (B, K, G, T, S)
     return weights.sum(dim=(2, 3))  # (B, K, S)
