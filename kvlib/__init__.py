@@ -31,6 +31,7 @@ Shape letters, one meaning each, used in every shape comment:
     R  residual tokens a quantized cache keeps in full precision
     W  tokens an eviction policy keeps (its window or budget)
     m, n, k  the dims of a matrix product (m, k) @ (k, n) -> (m, n), in the GPU kernels only
+    b, h, t, s  a mask's dims, each 1 (broadcast) or the full B, H, T, S
 
 A chunk of a prompt is T (the query tokens of that call); a whole stream of token ids is (B, S).
 """

@@ -100,7 +100,9 @@ class EvictionCache(Cache):
         self._seen = [0] * n_layers  # tokens streamed through each layer, ever
         self._moved = [False] * n_layers  # has any key left the slot it was written to?
         self.n_evicted = 0  # tokens evicted per row (and kv head), ever
-        self.rope_cos, self.rope_sin = rope_tables(D, rope_len, rope_theta, dev)  # (R, D) fp32
+        self.rope_cos, self.rope_sin = rope_tables(
+            D, rope_len, rope_theta, dev
+        )  # (rope_len, D) fp32
 
     @classmethod
     def from_config(
