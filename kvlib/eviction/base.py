@@ -100,9 +100,8 @@ class EvictionCache(Cache):
         self._seen = [0] * n_layers  # tokens streamed through each layer, ever
         self._moved = [False] * n_layers  # has any key left the slot it was written to?
         self.n_evicted = 0  # tokens evicted per row (and kv head), ever
-        self.rope_cos, self.rope_sin = rope_tables(
-            D, rope_len, rope_theta, dev
-        )  # (rope_len, D) fp32
+        # (rope_len, D) fp32 each
+        self.rope_cos, self.rope_sin = rope_tables(D, rope_len, rope_theta, dev)
 
     @classmethod
     def from_config(
