@@ -397,6 +397,8 @@ def test_validate_result_names_each_missing_field(path, match):
         (lambda r: r.update(date="yesterday"), r"'date' must be an ISO date, got 'yesterday'"),
         (lambda r: r.update(command=""), r"'command' must name what ran"),
         (lambda r: r.update(figures={}), r"'figures' must be a non-empty object"),
+        (lambda r: r["figures"]["copy"].update(median_s=float("inf")),
+         r"'figures.copy.median_s' must be positive seconds, got inf"),
         (lambda r: r["figures"]["gemm"]["rows"]["wmma"].update(median_s=0.0),
          r"'figures.gemm.rows.wmma.median_s' must be positive seconds, got 0.0"),
         (lambda r: r["figures"]["decode_attention"]["rows"][1]["contenders"]["sdpa"].clear(),

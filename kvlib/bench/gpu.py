@@ -12,7 +12,8 @@ Timing: CUDA events, L2 flushed before each call (`gpu_timing`); the contenders 
 and the median wins. Correctness: each output is compared with a reference on the same inputs
 (attention: the fp32 `reference_decode`; GEMM: cuBLAS), within REL_TOL = 1e-2 relative to the
 reference's largest value. `run_gpu` returns the result (`kvlib.bench.report`'s layout,
-schema `gpu_results.SCHEMA`), `format_gpu` prints it, `targets` checks it.
+schema `gpu_results.SCHEMA`), `format_gpu` prints it, `targets` checks it; the target
+constants and `load_results` / `summary_rows` (the committed results) are importable from here.
 """
 
 from __future__ import annotations
@@ -22,15 +23,35 @@ from collections.abc import Iterable
 
 import torch
 
-from kvlib.bench.gpu_decode import LENGTHS, QUICK_LENGTHS, attention_targets, bench_decode_attention
-from kvlib.bench.gpu_gemm import bench_gemm, gemm_target
+from kvlib.bench.gpu_decode import (
+    ATTENTION_TARGET,
+    ATTENTION_TARGET_S,
+    LENGTHS,
+    QUICK_LENGTHS,
+    attention_targets,
+    bench_decode_attention,
+)
+from kvlib.bench.gpu_gemm import GEMM_TARGET, GEMM_TARGET_N, bench_gemm, gemm_target
 from kvlib.bench.gpu_machine import gpu_machine, require_gpu
-from kvlib.bench.gpu_results import SCHEMA
+from kvlib.bench.gpu_results import SCHEMA, load_results, summary_rows
 from kvlib.bench.gpu_timing import copy_bandwidth
 from kvlib.bench.report import format_targets, new_result
 from kvlib.gpu import kernels as gk
 from kvlib.registry import GPUS
 from kvlib.timing import check_reps
+
+# what chapter 10 reads from here: the run, its report, its targets and the committed results
+__all__ = [
+    "ATTENTION_TARGET",
+    "ATTENTION_TARGET_S",
+    "GEMM_TARGET",
+    "GEMM_TARGET_N",
+    "format_gpu",
+    "load_results",
+    "run_gpu",
+    "summary_rows",
+    "targets",
+]
 
 
 def targets(result: dict) -> list[dict]:
