@@ -61,6 +61,27 @@ def test_generation_tokens_match_and_speedups_are_positive():
     assert out["config"]["max_seq_len"] >= 4 + 5
 
 
+def test_generation_rejects_bad_token_counts():
+    with pytest.raises(BenchError, match="n_tokens must name at least one"):
+        generation.bench_generation(CPU, [])
+    with pytest.raises(BenchError, match="n_tokens must be an int >= 1, got 0"):
+        generation.bench_generation(CPU, [4, 0])
+
+
+def test_the_cpu_and_gpu_problems_scatter_blocks_the_same_way():
+    """One home for the scattered paged copy: the kvlib.paged pool and the GPU kernels' pool."""
+    inp = problems.decode_inputs(2, 21, 4, 2, 8, 4, CPU, seed=3, dtype=torch.float32)
+    q, k, v = problems.decode_problem(2, 4, 2, 21, 8, torch.float32, CPU, seed=3)
+    assert torch.equal(q, inp["q"]) and torch.equal(k, inp["k"]) and torch.equal(v, inp["v"])
+    pool, tables, seq_lens = problems.paged_copy(k, v, block_size=4, seed=3)
+    assert torch.equal(tables, inp["block_tables"].long()) and seq_lens.tolist() == [21, 21]
+    assert torch.equal(pool.k_pool[0], inp["k_pool"]) and torch.equal(pool.v_pool[0], inp["v_pool"])
+    assert torch.equal(pool.k_pool[0][tables[1, 5], :, 0], k[1, :, 20]), "token 20: block 5 slot 0"
+    assert inp["k_pool"][tables[1, 5], :, 1:].abs().max() == 0, "zeros past S"
+    with pytest.raises(ValueError, match=r"slots must be \(B, M\) = \(2, 6\), got \(2, 5\)"):
+        problems.scatter_blocks(k, 4, tables[:, :5])
+
+
 def test_hf_comparison_checks_identical_tokens():
     pytest.importorskip("transformers")
     out = huggingface.bench_hf(CPU, "tiny", new_tokens=6, reps=1, prompt_len=5)

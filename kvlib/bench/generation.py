@@ -13,7 +13,7 @@ import torch
 from kvlib.bench.problems import generation_config
 from kvlib.bench.report import config_dict, fmt, target
 from kvlib.bench.section import Settings
-from kvlib.errors import BenchError
+from kvlib.errors import BenchError, check_int
 from kvlib.generate import generate
 from kvlib.timing import interleaved, median
 from kvlib.transformer import Transformer
@@ -31,8 +31,10 @@ def bench_generation(
     progress: Callable[[], None] | None = None,
 ) -> dict:
     """Greedy tokens/s with and without the KV cache for each number of generated tokens."""
-    if not n_tokens or any(not isinstance(n, int) or n < 1 for n in n_tokens):
-        raise BenchError(f"n_tokens must be a non-empty list of ints >= 1, got {n_tokens!r}")
+    if not n_tokens:
+        raise BenchError("n_tokens must name at least one number of tokens to generate")
+    for n in n_tokens:
+        check_int("n_tokens", n, error=BenchError)
     config = generation_config(max(n_tokens), prompt_len)
     torch.manual_seed(0)
     model = Transformer(config).to(device).eval()

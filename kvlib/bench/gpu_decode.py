@@ -31,7 +31,7 @@ import torch
 from kvlib.bench.gpu_timing import copy_bandwidth, cuda_device, time_cuda
 from kvlib.bench.problems import REL_TOL, decode_inputs, output_error, reference_decode
 from kvlib.bench.report import target
-from kvlib.errors import BenchError, KVLibValueError, check_int
+from kvlib.errors import BenchError, KVLibError, KVLibValueError, check_int
 from kvlib.gpu import kernels as gk
 from kvlib.gpu.roofline import decode_attention_bytes
 from kvlib.timing import check_reps, median
@@ -104,8 +104,12 @@ def attention_bytes(
 def _splits_list(splits: Iterable[int | str]) -> list[int | str]:
     out = list(splits)
     for s in out:
-        if s != "auto" and (not isinstance(s, int) or isinstance(s, bool) or s < 1):
-            raise BenchError(f"splits must be ints >= 1 or 'auto', got {s!r}")
+        if s == "auto":
+            continue
+        try:
+            check_int("splits", s)
+        except KVLibError:
+            raise BenchError(f"splits must be ints >= 1 or 'auto', got {s!r}") from None
     if not out:
         raise BenchError("splits must name at least one setting, e.g. (1, 'auto')")
     return out
