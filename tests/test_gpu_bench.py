@@ -27,6 +27,7 @@ from kvlib.bench.__main__ import main
 from kvlib.errors import BenchError
 from kvlib.gpu import emulate as em
 from kvlib.gpu import kernels as gk
+from kvlib.registry import GPUS
 from tests.toc import ROOT
 
 CPU = torch.device("cpu")
@@ -305,8 +306,6 @@ MACHINE = {
 
 def _synthetic_result(wmma_gemm_s=2.0, wmma_attention_s=1.0, S=16384) -> dict:
     """A result built by the module's own pure parts, with chosen timings (no GPU)."""
-    from kvlib.registry import GPUS
-
     result = report.new_result(
         gresults.SCHEMA,
         "python -m kvlib.bench --gpu --quick",
@@ -499,6 +498,36 @@ def test_summary_rows_are_compact():
     assert wmma["fraction"] == pytest.approx(0.7) and wmma["unit"] == "GB/s"
     assert wmma["fraction_of_spec"] == pytest.approx(7 / 320e9), "T4 datasheet 320 GB/s"
     assert {tuple(sorted(r)) for r in rows} == {tuple(sorted(rows[0]))}, "same keys everywhere"
+
+
+def test_run_gpu_wires_the_figures_into_one_result(monkeypatch):
+    """run_gpu's own work (plan, settings, targets, report) with each figure stood in for."""
+    figs = _synthetic_result()["figures"]
+    calls = {}
+
+    def gemm(dev, n, reps, methods, progress):
+        calls["gemm"] = (n, reps, list(methods))
+        return figs["gemm"]
+
+    def decode(dev, lengths, reps, methods, copy, spec_bytes_per_s, progress):
+        calls["decode"] = (list(lengths), reps, list(methods), copy, spec_bytes_per_s)
+        return figs["decode_attention"]
+
+    monkeypatch.setattr(gpu, "require_gpu", lambda: CPU)
+    monkeypatch.setattr(gpu, "gpu_machine", lambda dev: copy.deepcopy(MACHINE))
+    monkeypatch.setattr(gpu, "copy_bandwidth", lambda dev, reps: figs["copy"])
+    monkeypatch.setattr(gpu, "bench_gemm", gemm)
+    monkeypatch.setattr(gpu, "bench_decode_attention", decode)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev: (7, 5))
+    result = gpu.run_gpu(quick=True, reps=2)
+    gresults.validate_result(json.loads(json.dumps(result)))
+    assert calls["gemm"] == (1024, 2, list(gk.GEMM_METHODS))
+    t4 = GPUS["T4"].bandwidth  # MACHINE is a T4: its datasheet bandwidth is the spec
+    assert calls["decode"] == (list(gdecode.QUICK_LENGTHS), 2, list(gk.ATTENTION_METHODS),
+                               figs["copy"], t4)  # fmt: skip
+    assert result["targets"] == gpu.targets(result) and len(result["targets"]) == 2
+    assert result["command"] == "kvlib.bench.gpu.run_gpu(quick=True, reps=2)"
+    assert "PASS fp16 GEMM" in gpu.format_gpu(result)
 
 
 def test_targets_flag_wrong_outputs():
