@@ -13,9 +13,11 @@ checks every import, those inside functions too, so there is no cycle and no upw
     4  paged  quant  eviction.base  gpu.roofline
     5  eviction.policies  transformer  gpu.emulate
     6  eviction  generate  chunked  hf  pretrained
-    7  kvlib  train  checkpoints  gpu.bench
-    8  bench  exercises
-    9  exercises.*
+    7  kvlib  train  checkpoints  bench  bench.report  bench.gpu_timing
+    8  exercises  bench.problems  bench.section  bench.gpu_machine  bench.gpu_results
+    9  exercises.*  bench.*
+   10  bench.cpu  bench.gpu
+   11  bench.__main__
 
 The cache interface (`kvlib.cache.Cache`) sits above the attention math because its default
 `attend` runs the grouped attention; every cache sits below the model, which only calls the

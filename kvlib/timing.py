@@ -1,19 +1,15 @@
-"""Measuring side by side: the timing and report helpers both benchmarks use.
+"""Measuring side by side: the timing both benchmarks and the chapters use.
 
-`python -m kvlib.bench` (CPU) and `python -m kvlib.bench --gpu` (`kvlib.gpu.bench`) time their
-contenders the same way: each one warmed up, then the contenders take turns (`interleaved`), and
-the median counts, so a busy machine slows them all alike. Each figure is checked against a
-target (`target`), printed PASS or MISS by `format_targets`; `machine_info` and `versions` record
-where and with what a run happened.
+`python -m kvlib.bench` (CPU) and `python -m kvlib.bench --gpu` time their contenders the same
+way: each one warmed up, then the contenders take turns (`interleaved`), and the median counts,
+so a busy machine slows them all alike. `copy_bandwidth` measures the memory bandwidth a copy
+sees, the yardstick of every bandwidth figure. What a result reports (targets, machine,
+versions) is `kvlib.bench.report`.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
 
@@ -93,73 +89,6 @@ def median(xs: Iterable[float]) -> float:
     if not xs:
         raise BenchError("median of no timings")
     return statistics.median(xs)
-
-
-def target(figure: str, metric: str, value: float, op: str, bound: float, note: str = "") -> dict:
-    """A figure checked against its target: op is '>=' or '<='."""
-    if op not in (">=", "<="):
-        raise BenchError(f"op must be '>=' or '<=', got {op!r}")
-    ok = value >= bound if op == ">=" else value <= bound
-    return {
-        "figure": figure,
-        "metric": metric,
-        "value": value,
-        "op": op,
-        "target": bound,
-        "status": "PASS" if ok else "MISS",
-        "note": note,
-    }
-
-
-def machine_info(device: torch.device, threads: int) -> dict:
-    """Where the run happened: platform, cores, threads, accelerator, load average."""
-    info = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-    }
-    if hasattr(os, "getloadavg"):
-        info["load_average"] = list(os.getloadavg())
-    return info
-
-
-def versions() -> dict:
-    """Versions of Python and the libraries measured."""
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    out["kvlib"] = getattr(sys.modules.get("kvlib"), "__version__", "unknown")
-    for name in ("transformers", "numpy"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
-
-
-def format_targets(targets: list[dict]) -> list[str]:
-    """Lines of a report's target table: status, figure, metric = value (target op bound)."""
-    lines = ["\ntargets"]
-    for t in targets:
-        note = f"  ({t['note']})" if t["note"] else ""
-        lines.append(
-            f"  {t['status']:<4} {t['figure']}: {t['metric']} = {fmt(t['value'])} "
-            f"(target {t['op']} {t['target']}){note}"
-        )
-    return lines
-
-
-def fmt(x: float) -> str:
-    """A measured number for a report: 2 decimals, or 3 significant digits when large or small."""
-    if x == 0 or math.isinf(x) or math.isnan(x):
-        return str(x)
-    if abs(x) >= 1e4 or abs(x) < 1e-2:
-        return f"{x:.3g}"
-    return f"{x:.2f}"
 
 
 def copy_bandwidth(
