@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from kvlib.attention import grouped_attention
 from kvlib.config import ModelConfig
 from kvlib.errors import KVLibValueError, check_int
 from kvlib.paged import BlockAllocator
@@ -122,7 +123,8 @@ def decode_inputs(
 def reference_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Decode attention in fp32, row by row: q (B, H, 1, D), k, v (B, K, S, D) -> (B, H, 1, D).
 
-    Query head h reads kv head h // G. One row at a time keeps the fp32 copy of K/V small.
+    `kvlib.attention.grouped_attention` (query head h reads kv head h // G), one row at a
+    time so the fp32 copy of K/V stays small.
     """
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         raise KVLibValueError(
@@ -136,13 +138,10 @@ def reference_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
             f"q {tuple(q.shape)} does not match k {tuple(k.shape)}: expected T = 1, equal B "
             "and D, and H a multiple of K"
         )
-    G = H // K
     out = torch.empty(B, H, 1, D, dtype=torch.float32, device=q.device)  # (B, H, 1, D)
-    for b in range(B):
-        qb = q[b].float().reshape(K, G, D)  # (K, G, D): head h = kvh * G + g
-        kb, vb = k[b].float(), v[b].float()  # (K, S, D)
-        scores = qb @ kb.transpose(1, 2) / math.sqrt(D)  # (K, G, S) fp32
-        out[b] = (torch.softmax(scores, dim=-1) @ vb).reshape(H, 1, D)  # (K, G, D) -> (H, 1, D)
+    for b in range(B):  # kvlib's attention on one row at a time, in fp32
+        rows = slice(b, b + 1)
+        out[rows] = grouped_attention(q[rows].float(), k[rows].float(), v[rows].float(), None)
     return out
 
 
