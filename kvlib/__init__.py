@@ -9,7 +9,7 @@ checks every import, those inside functions too, so there is no cycle and no upw
     0  errors
     1  config  data  metrics  notebook  paged_kernel  timing  gpu  gpu.nvrtc
     2  attention  rope  memory  flops  serving  gpu.kernels
-    3  cache  gpu.roofline
+    3  cache  gpu.roofline  gpu.host
     4  paged  quant  eviction
     5  transformer  gpu.emulate
     6  generate  chunked  hf  pretrained

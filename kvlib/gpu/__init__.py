@@ -6,6 +6,8 @@
     emulate    NumPy emulation of the kernels' tiling, matched against kvlib's references
     kernels    CuPy RawModule wrappers: fp16 GEMM (naive, tiled, WMMA) and paged decode
                attention (CUDA cores, Tensor Cores), torch tensors in and out via DLPack
+    host       run the same kernels on the CPU from their exact source (g++ against a header
+               with CUDA's execution model), under AddressSanitizer and UBSan if asked
     bench      measure them on a GPU (`python -m kvlib.bench --gpu`): copy bandwidth, GEMM vs
                cuBLAS, decode attention bandwidth from 1k to 64k tokens; measured results
                are committed as JSON in kvlib/gpu/results/ and loaded by chapter 10
