@@ -233,7 +233,7 @@ def launch(
         except subprocess.TimeoutExpired as e:
             raise KernelFaultError(f"{kernel} ran past {TIMEOUT_S} s (a loop that never ends?)"
                                    ) from e  # fmt: skip
-        if proc.returncode:
+        if proc.returncode or "Sanitizer" in proc.stderr:  # an error, or a sanitizer warning
             raise KernelFaultError(f"{kernel} failed on the CPU (exit {proc.returncode}):\n"
                                    f"{proc.stderr[-6000:]}")  # fmt: skip
         data = outp.read_bytes()

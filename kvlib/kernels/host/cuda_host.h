@@ -11,7 +11,9 @@
 // where CUDA synchronizes, so the interleaving between barriers is chosen (lanes forward or
 // reversed: a missing barrier changes the result), the run is deterministic, and the
 // scheduler sees where every thread waits (so a barrier that some thread leaves by another
-// path is reported, not hung on). AddressSanitizer is told about each stack switch.
+// path is reported, not hung on). AddressSanitizer is told about each stack switch. Each
+// context is made once per launch (makecontext) and reused by every block; switches are
+// _setjmp / _longjmp, which, unlike swapcontext, make no system call.
 //
 // What it enforces, as a GPU would fault or hang:
 //   __syncthreads   every live thread of the block reaches the same barrier; none returns
@@ -35,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <functional>
@@ -115,7 +118,8 @@ struct Thread;
 using Completion = void (*)(Thread** lanes, unsigned mask);
 
 struct Thread {
-    ucontext_t ctx;
+    ucontext_t ctx;  // to enter the thread's stack the first time
+    jmp_buf jb;      // where it waits
     uint3 idx;
     int lin = 0;  // linear index in the block
     State state = RUNNABLE;
@@ -144,7 +148,8 @@ inline uint3 g_block_idx;
 inline dim3 g_block_dim, g_grid_dim;
 inline Thread* g_cur = nullptr;
 inline std::vector<Thread> g_threads;
-inline ucontext_t g_sched;
+inline jmp_buf g_sched;
+inline void* g_sched_fake = nullptr;
 inline std::function<void()> g_body;
 inline std::vector<Dynamic> g_dynamic;
 inline size_t g_dynamic_size = 0;
@@ -187,22 +192,59 @@ inline void entered_fiber(void* save, const void** bottom, size_t* size) {
 #endif
 }
 
-// Called by a CUDA thread: go back to the scheduler until released.
+// Called by a CUDA thread: back to the scheduler, until it switches to this thread again.
+inline void switch_out(Thread* t) {
+    if (!_setjmp(t->jb)) {
+        enter_fiber(&t->fake_stack, g_main_bottom, g_main_size);
+        _longjmp(g_sched, 1);
+    }
+    entered_fiber(t->fake_stack, nullptr, nullptr);
+}
+
+// Called by the scheduler: run thread t until it waits or returns.
+inline void switch_in(Thread* t) {
+    g_cur = t;
+    if (!_setjmp(g_sched)) {
+        enter_fiber(&g_sched_fake, t->stack, STACK);
+        _longjmp(t->jb, 1);
+    }
+    entered_fiber(g_sched_fake, nullptr, nullptr);
+    g_cur = nullptr;
+}
+
 inline void wait(State state, int line) {
     Thread* t = g_cur;
     t->state = state;
     t->line = line;
-    enter_fiber(&t->fake_stack, g_main_bottom, g_main_size);
-    swapcontext(&t->ctx, &g_sched);
-    entered_fiber(t->fake_stack, nullptr, nullptr);
+    switch_out(t);
 }
 
-inline void thread_entry() {
+// The life of a context: wait to be started, run the kernel for one block, repeat.
+inline void thread_loop() {
+    Thread* t = g_cur;
     entered_fiber(nullptr, &g_main_bottom, &g_main_size);
-    g_body();
-    g_cur->state = EXITED;
-    enter_fiber(nullptr, g_main_bottom, g_main_size);  // this fiber ends
-    setcontext(&g_sched);
+    for (;;) {
+        switch_out(t);
+        g_body();
+        t->state = EXITED;
+    }
+}
+
+// Make thread t's context and run it to its first wait (the top of thread_loop).
+inline void start(Thread* t) {
+    getcontext(&t->ctx);
+    t->ctx.uc_stack.ss_sp = t->stack;
+    t->ctx.uc_stack.ss_size = STACK;
+    t->ctx.uc_link = nullptr;
+    makecontext(&t->ctx, thread_loop, 0);
+    g_cur = t;
+    ucontext_t here;
+    if (!_setjmp(g_sched)) {
+        enter_fiber(&g_sched_fake, t->stack, STACK);
+        swapcontext(&here, &t->ctx);
+    }
+    entered_fiber(g_sched_fake, nullptr, nullptr);
+    g_cur = nullptr;
 }
 
 inline int lane_of(const Thread& t) { return t.lin % WARP; }
@@ -350,7 +392,10 @@ inline void launch(const char* kernel, dim3 grid, dim3 block, size_t smem, int o
     g_body = std::move(body);
     size_t n = (size_t)block.x * block.y * block.z;
     g_threads.assign(n, Thread());
-    for (Thread& t : g_threads) t.stack = (char*)malloc(STACK);
+    for (size_t i = 0; i < n; ++i) {
+        g_threads[i].stack = (char*)malloc(STACK);
+        start(&g_threads[i]);
+    }
     size_t n_blocks = (size_t)grid.x * grid.y * grid.z;
     for (size_t bi = 0; bi < n_blocks; ++bi) {
         size_t b = order ? n_blocks - 1 - bi : bi;
@@ -363,14 +408,6 @@ inline void launch(const char* kernel, dim3 grid, dim3 block, size_t smem, int o
             t.idx = {(unsigned)(i % block.x), (unsigned)(i / block.x % block.y),
                      (unsigned)(i / ((size_t)block.x * block.y))};
             t.state = RUNNABLE;
-            getcontext(&t.ctx);
-#if KVHOST_ASAN
-            ASAN_UNPOISON_MEMORY_REGION(t.stack, STACK);
-#endif
-            t.ctx.uc_stack.ss_sp = t.stack;
-            t.ctx.uc_stack.ss_size = STACK;
-            t.ctx.uc_link = nullptr;
-            makecontext(&t.ctx, thread_entry, 0);
         }
         for (;;) {
             bool ran = false, live = false;
@@ -380,12 +417,7 @@ inline void launch(const char* kernel, dim3 grid, dim3 block, size_t smem, int o
                     live |= t.state != EXITED;
                     continue;
                 }
-                g_cur = &t;
-                void* save = nullptr;
-                enter_fiber(&save, t.stack, STACK);
-                swapcontext(&g_sched, &t.ctx);
-                entered_fiber(save, nullptr, nullptr);
-                g_cur = nullptr;
+                switch_in(&t);
                 ran = true;
                 live |= t.state != EXITED;
             }
