@@ -36,28 +36,41 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvlib.errors import KVLibError, KVLibValueError, ToolchainError
+from kvlib.errors import KernelFaultError, KVLibValueError, ToolchainError
 from kvlib.gpu import kernels as gk
 from kvlib.gpu.nvrtc import kernel_source
 
 ORDERS = ("forward", "reverse")
 HEADERS = ("cuda_host.h", "kvhost_main.h", "cuda_fp16.h", "mma.h")
 PLAIN_FLAGS = ("-std=c++17", "-O2", "-g0")
-SANITIZE_FLAGS = ("-std=c++17", "-O1", "-g", "-fno-omit-frame-pointer",
-                  "-fsanitize=address,undefined", "-fno-sanitize-recover=all")  # fmt: skip
+SANITIZE_FLAGS = (
+    "-std=c++17",
+    "-O1",
+    "-g",
+    "-fno-omit-frame-pointer",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+)
 TIMEOUT_S = 300  # a kernel that loops forever is reported, not waited on
-_SCALAR_KINDS = {"int": ("i", np.int32), "unsigned": ("i", np.uint32),
-                 "unsigned int": ("i", np.uint32), "float": ("f", np.float32),
-                 "long long": ("l", np.int64)}  # fmt: skip
-_POINTER_DTYPES = {"half": np.float16, "__half": np.float16, "float": np.float32,
-                   "int": np.int32, "long long": np.int64}  # fmt: skip
+_SCALAR_KINDS = {
+    "int": ("i", np.int32),
+    "unsigned": ("i", np.uint32),
+    "unsigned int": ("i", np.uint32),
+    "float": ("f", np.float32),
+    "long long": ("l", np.int64),
+}
+_POINTER_DTYPES = {
+    "half": np.float16,
+    "__half": np.float16,
+    "float": np.float32,
+    "int": np.int32,
+    "long long": np.int64,
+}
 _KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
-_DYNAMIC_RE = re.compile(r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?([\w\s]+?)\s+"
-                         r"(\w+)\s*\[\s*\]")  # fmt: skip
-
-
-class KernelFaultError(KVLibError, RuntimeError):
-    """A kernel broke a rule of the GPU (bounds, barrier, shuffle, WMMA) when run on the CPU."""
+_DYNAMIC_RE = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s*)?([\w\s]+?)\s+"
+    r"(\w+)\s*\[\s*\]"
+)
 
 
 @dataclass(frozen=True)
@@ -99,10 +112,16 @@ def _dispatch_source(source: str, path: Path) -> str:
     for ctype, name in _DYNAMIC_RE.findall(source):  # extern __shared__ arrays are defined here
         if name not in names:
             names.append(name)
-            lines.append(f"thread_local __attribute__((aligned(256))) {ctype} "
-                         f"{name}[kvhost::MAX_DYNAMIC_SMEM / sizeof({ctype})];")  # fmt: skip
-    lines += [f'#include "{path.name}"', '#include "kvhost_main.h"', "",
-              "bool kvhost_dispatch(const kvhost::Args& a) {"]  # fmt: skip
+            lines.append(
+                f"thread_local __attribute__((aligned(256))) {ctype} "
+                f"{name}[kvhost::MAX_DYNAMIC_SMEM / sizeof({ctype})];"
+            )
+    lines += [
+        f'#include "{path.name}"',
+        '#include "kvhost_main.h"',
+        "",
+        "bool kvhost_dispatch(const kvhost::Args& a) {",
+    ]
     for name in names:
         lines.append(f"    kvhost::register_dynamic((unsigned char*){name}, sizeof({name}));")
     for kernel, params in kernel_params(source).items():
@@ -111,12 +130,17 @@ def _dispatch_source(source: str, path: Path) -> str:
             if p.kind == "p":
                 call.append(f"({p.ctype})a.ptr({i})")
             else:
-                call.append(f"({p.ctype})a.{ {'i': 'i32', 'f': 'f32', 'l': 'i64'}[p.kind]}({i})")
+                call.append(f"({p.ctype})a.{ {'i': 'i32', 'f': 'f32', 'l': 'i64'}[p.kind] }({i})")
         kinds = "".join(p.kind for p in params)
-        lines += [f'    if (a.name == "{kernel}") {{', f'        a.expect("{kinds}");',
-                  f'        kvhost::launch("{kernel}", a.grid, a.block, a.smem, a.order, [&] {{',
-                  f"            {kernel}({', '.join(call)});", "        });",
-                  "        return true;", "    }"]  # fmt: skip
+        lines += [
+            f'    if (a.name == "{kernel}") {{',
+            f'        a.expect("{kinds}");',
+            f'        kvhost::launch("{kernel}", a.grid, a.block, a.smem, a.order, [&] {{',
+            f"            {kernel}({', '.join(call)});",
+            "        });",
+            "        return true;",
+            "    }",
+        ]
     lines += ["    return false;", "}", ""]
     return "\n".join(lines)
 
@@ -146,8 +170,9 @@ def build(file: str, *, sanitize: bool = False, source: str | None = None) -> Pa
     headers = resources.files("kvlib").joinpath("kernels", "host")
     texts = {h: headers.joinpath(h).read_text() for h in HEADERS}
     key = hashlib.sha256(
-        "\0".join([cxx, *flags, source, *texts.values(), _dispatch_source(source, Path(file))])
-        .encode()
+        "\0".join(
+            [cxx, *flags, source, *texts.values(), _dispatch_source(source, Path(file))]
+        ).encode()
     ).hexdigest()[:20]
     out = cache_dir() / f"{Path(file).stem}-{'asan' if sanitize else 'plain'}-{key}"
     exe = out / "kernel"
@@ -186,8 +211,8 @@ def launch(
     order: str = "forward",
     sanitize: bool = False,
     source: str | None = None,
-) -> list[np.ndarray]:
-    """Run `kernel` of `file` on the CPU; return its buffers (NumPy arrays) after the run.
+) -> dict[str, np.ndarray]:
+    """Run `kernel` of `file` on the CPU; return its buffers after the run, by parameter name.
 
     `args` follow the kernel's parameters: a NumPy array or CPU torch tensor of the right
     dtype for each buffer (copied in, never changed), a number for each scalar.
@@ -212,10 +237,11 @@ def launch(
         if p.kind == "p":
             arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
             if arr.dtype != p.dtype:
-                raise KVLibValueError(f"{kernel}: {p.name} must be {np.dtype(p.dtype)}, "
-                                      f"got {arr.dtype}")  # fmt: skip
+                raise KVLibValueError(
+                    f"{kernel}: {p.name} must be {np.dtype(p.dtype)}, got {arr.dtype}"
+                )
             arr = np.ascontiguousarray(arr)
-            buffers.append(arr)
+            buffers.append((p.name, arr))
             chunks += [b"\0", np.uint64(arr.nbytes).tobytes(), arr.tobytes()]
         else:
             value = np.zeros(1, np.uint64)
@@ -225,21 +251,32 @@ def launch(
     with tempfile.TemporaryDirectory() as tmp:
         inp, outp = Path(tmp) / "launch", Path(tmp) / "out"
         inp.write_bytes(b"".join(chunks))
-        env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=4",
-                   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=5")  # fmt: skip
+        env = dict(
+            os.environ,
+            ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=4",
+            UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=5",
+        )
         try:
-            proc = subprocess.run([str(exe), str(inp), str(outp)], capture_output=True,
-                                  text=True, env=env, timeout=TIMEOUT_S, check=False)  # fmt: skip
+            proc = subprocess.run(
+                [str(exe), str(inp), str(outp)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=TIMEOUT_S,
+                check=False,
+            )
         except subprocess.TimeoutExpired as e:
-            raise KernelFaultError(f"{kernel} ran past {TIMEOUT_S} s (a loop that never ends?)"
-                                   ) from e  # fmt: skip
+            raise KernelFaultError(
+                f"{kernel} ran past {TIMEOUT_S} s (a loop that never ends?)"
+            ) from e
         if proc.returncode or "Sanitizer" in proc.stderr:  # an error, or a sanitizer warning
-            raise KernelFaultError(f"{kernel} failed on the CPU (exit {proc.returncode}):\n"
-                                   f"{proc.stderr[-6000:]}")  # fmt: skip
+            raise KernelFaultError(
+                f"{kernel} failed on the CPU (exit {proc.returncode}):\n{proc.stderr[-6000:]}"
+            )
         data = outp.read_bytes()
-    out, pos = [], 0
-    for arr in buffers:
-        out.append(np.frombuffer(data[pos : pos + arr.nbytes], arr.dtype).reshape(arr.shape))
+    out, pos = {}, 0
+    for name, arr in buffers:
+        out[name] = np.frombuffer(data[pos : pos + arr.nbytes], arr.dtype).reshape(arr.shape)
         pos += arr.nbytes
     return out
 
@@ -249,21 +286,21 @@ def run(launches: list[gk.Launch], **options) -> None:
     for ln in launches:
         source = options.get("source")
         params = kernel_params(kernel_source(ln.file) if source is None else source)[ln.kernel]
-        outputs = [a for p, a in zip(params, ln.args, strict=True)
-                   if p.kind == "p" and not p.ctype.startswith("const")]  # fmt: skip
-        results = launch(ln.file, ln.kernel, ln.grid, ln.block, list(ln.args), ln.shared_mem,
-                         **options)  # fmt: skip
-        buffers = [r for p, r in zip((p for p in params if p.kind == "p"), results, strict=True)
-                   if not p.ctype.startswith("const")]  # fmt: skip
-        for t, r in zip(outputs, buffers, strict=True):
-            t.copy_(torch.from_numpy(r.copy()))  # into the launch's output tensors
+        results = launch(
+            ln.file, ln.kernel, ln.grid, ln.block, list(ln.args), ln.shared_mem, **options
+        )
+        for p, arg in zip(params, ln.args, strict=True):
+            if p.kind == "p" and not p.ctype.startswith("const"):  # an output buffer
+                arg.copy_(torch.from_numpy(results[p.name].copy()))
 
 
 def _check_cpu(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.device.type != "cpu":
-            raise KVLibValueError(f"{name} is on {t.device}; the CPU run takes CPU tensors "
-                                  "(kvlib.gpu.kernels runs them on the GPU)")  # fmt: skip
+            raise KVLibValueError(
+                f"{name} is on {t.device}; the CPU run takes CPU tensors "
+                "(kvlib.gpu.kernels runs them on the GPU)"
+            )
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "wmma", **options) -> torch.Tensor:
@@ -274,11 +311,13 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "wmma", **options) -
     return c
 
 
-def paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, *, method="wmma",
-                           num_splits=1, scale=None, **options) -> torch.Tensor:  # fmt: skip
+def paged_decode_attention(
+    q, k_pool, v_pool, block_tables, seq_lens, *, method="wmma", num_splits=1, scale=None, **options
+) -> torch.Tensor:
     """`kvlib.gpu.kernels.paged_decode_attention` on the CPU: (B, H, T, D) fp16."""
-    out, launches = gk.paged_decode_launches(q, k_pool, v_pool, block_tables, seq_lens,
-                                             method=method, num_splits=num_splits, scale=scale)  # fmt: skip
+    out, launches = gk.paged_decode_launches(
+        q, k_pool, v_pool, block_tables, seq_lens, method=method, num_splits=num_splits, scale=scale
+    )
     _check_cpu(q=q, k_pool=k_pool, v_pool=v_pool, block_tables=block_tables, seq_lens=seq_lens)
     run(launches, **options)
     return out

@@ -120,13 +120,13 @@ def _cupy_args(launch: Launch) -> tuple:
     return tuple(_as_cupy(a) if isinstance(a, torch.Tensor) else a for a in launch.args)
 
 
-def _launch(device: torch.device, launch: Launch, args: tuple) -> None:
+def _launch(device: torch.device, file: str, kernel: str, grid, block, args, shared_mem=0):
     cupy = _cupy()
     with cupy.cuda.Device(device.index):
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
-        fn = load_module(launch.file).get_function(launch.kernel)
+        fn = load_module(file).get_function(kernel)
         with stream:
-            fn(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
+            fn(grid, block, args, shared_mem=shared_mem)
 
 
 def _as_cupy(x: torch.Tensor):
@@ -183,7 +183,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "wmma") -> torch.Ten
     if method == "wmma":
         _check_tensor_cores(device)
     for ln in launches:
-        _launch(device, ln, _cupy_args(ln))
+        _launch(device, ln.file, ln.kernel, ln.grid, ln.block, _cupy_args(ln), ln.shared_mem)
     return c
 
 
@@ -322,7 +322,7 @@ def paged_decode_launcher(
 
     def launch() -> torch.Tensor:
         for ln, args in prepared:
-            _launch(device, ln, args)
+            _launch(device, ln.file, ln.kernel, ln.grid, ln.block, args, ln.shared_mem)
         return out
 
     return launch
