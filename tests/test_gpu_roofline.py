@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kvlib.gpu import roofline as rl
 from kvlib import memory
+from kvlib.gpu import roofline as rl
 from kvlib.memory import GPUS, get_model
 
 
