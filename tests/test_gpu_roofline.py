@@ -79,15 +79,3 @@ def test_cuda_core_ridge_point_is_below_the_tensor_core_one():
     for name, gpu in memory.GPUS.items():
         cuda = rl.cuda_core_ridge_point(gpu)
         assert 1 < cuda < rl.ridge_point(gpu), f"{name}: CUDA-core ridge {cuda:.1f}"
-
-
-def test_a_decode_step_reads_the_weights_and_the_cache():
-    one = rl.decode_step("Llama-3-8B", 8192)
-    cfg = memory.get_model("Llama-3-8B")
-    assert one["weight_bytes"] == memory.weight_bytes(cfg)
-    assert one["cache_bytes"] == memory.kv_cache_bytes(cfg, 8192)
-    assert one["weight_bytes"] > 10 * one["cache_bytes"], "at batch 1 the weights dominate"
-    four = rl.decode_step("Llama-3-8B", 8192, batch=4)
-    assert four["flops"] == 4 * one["flops"] and four["cache_bytes"] == 4 * one["cache_bytes"]
-    assert four["weight_bytes"] == one["weight_bytes"] and four["intensity"] > one["intensity"]
-    assert one["flops"] / (one["weight_bytes"] + one["cache_bytes"]) == one["intensity"]

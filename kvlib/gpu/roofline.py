@@ -17,12 +17,6 @@ with 8 query heads per kv head. Every GPU in `kvlib.memory.GPUS` has a Tensor Co
 in the hundreds, so generating a token is memory bound: its speed is set by how fast the cache
 is read. A kernel on the CUDA cores (no Tensor Cores) meets a lower roof: the fp32 peak of
 `CUDA_CORE_FP32_FLOPS`, whose ridge point is tens of FLOP/byte (about 25 on a T4).
-
-A whole decode step also reads the weights: at batch B (letters as above, n parameters)
-
-    FLOPs  = B * (2 n + L * K * 4 G S D)      bytes = n * b + B * (KV cache of S tokens)
-
-and at batch 1 the weights dominate the bytes (`decode_step`).
 """
 
 from __future__ import annotations
@@ -31,7 +25,7 @@ import torch
 
 from kvlib.config import ModelConfig, check_int, dtype_bytes
 from kvlib.errors import UnknownNameError
-from kvlib.memory import GPU, get_gpu, get_model, kv_cache_bytes, n_params, weight_bytes
+from kvlib.memory import GPU, get_gpu, get_model
 
 # Datasheet peak fp32 FLOP/s of the CUDA cores (no Tensor Cores), dense, per GPU of
 # kvlib.memory.GPUS (the same datasheets; SXM parts; MI300X: vector fp32).
@@ -110,34 +104,6 @@ def cuda_core_ridge_point(gpu: GPU | str) -> float:
         known = list(CUDA_CORE_FP32_FLOPS)
         raise UnknownNameError(f"no fp32 CUDA-core peak for {g.name}; known: {known}")
     return CUDA_CORE_FP32_FLOPS[g.name] / g.bandwidth
-
-
-def decode_step(
-    model: ModelConfig | str, S: int, batch: int = 1, dtype: torch.dtype = torch.float16
-) -> dict[str, float]:
-    """FLOPs and bytes of one decode step (weights and KV cache), each sequence at S tokens.
-
-    Returns flops (2 per parameter per sequence, plus attention), weight_bytes, cache_bytes
-    (all layers, all sequences) and intensity = flops / (weight_bytes + cache_bytes).
-    """
-    config = get_model(model) if isinstance(model, str) else model
-    if not isinstance(config, ModelConfig):
-        raise TypeError(f"model must be a ModelConfig or a name, got {type(model).__name__}")
-    check_int("batch", batch)
-    attention = (
-        config.n_layers
-        * config.n_kv_heads
-        * decode_attention_flops(config.group_size, S, config.head_dim)
-    )
-    flops = batch * (2 * n_params(config) + attention)
-    weights = weight_bytes(config, dtype)
-    cache = kv_cache_bytes(config, S, batch=batch, dtype=dtype)
-    return {
-        "flops": flops,
-        "weight_bytes": weights,
-        "cache_bytes": cache,
-        "intensity": flops / (weights + cache),
-    }
 
 
 def attainable_flops(intensity: float, gpu: GPU | str) -> float:
