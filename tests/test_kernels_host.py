@@ -254,6 +254,18 @@ def test_mutation_is_caught(mutation):
         _run_broken(file, runner, source.replace(real, broken), sanitize)
 
 
+def test_shared_memory_starts_as_nan_in_every_block():
+    """A tile entry left unwritten (no zero past R) reads the block's fresh shared memory: NaN,
+    as the garbage a GPU leaves there would be, instead of a zero that would hide the bug."""
+    real = "As[ty][tx] = (row < M && r0 + tx < R) ? __half2float(A[row * R + r0 + tx]) : 0.0f;"
+    broken = "if (row < M && r0 + tx < R) As[ty][tx] = __half2float(A[row * R + r0 + tx]);"
+    source = kernel_source(GEMM)
+    assert source.count(real) == 1, "the tile load is not in gemm.cu once"
+    a, b = _gemm_inputs((50, 5, 70))  # R < 16: one tile, partly past R
+    c = host.gemm(a, b, method="tiled", source=source.replace(real, broken))
+    assert torch.isnan(c).all(), f"{int(torch.isnan(c).sum())} of {c.numel()} outputs are NaN"
+
+
 # A removed barrier faults nowhere: it is a race, which the two interleavings expose.
 REMOVED_BARRIERS = [
     ("gemm_tiled", GEMM, "        __syncthreads();  // before the next tile", "tiled"),

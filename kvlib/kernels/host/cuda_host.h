@@ -22,15 +22,18 @@
 //                   caller is in its mask; a shuffle reads only lanes in the mask
 //   wmma            pointers 256-bit (32-byte) aligned, ldm a multiple of 16 bytes (8 halves,
 //                   4 floats), the same pointer and ldm on every lane, the whole warp present
-//   dynamic shared  at most 48 KiB per launch; the bytes past the launch's size are poisoned
-//                   under AddressSanitizer and guarded by a canary otherwise; the launch's
-//                   bytes start as NaN (0xff) so a read before a write shows
+//   shared memory   every block's static and dynamic __shared__ bytes start as NaN (0xff), so
+//                   a read before a write shows; at most 48 KiB of dynamic shared memory per
+//                   launch, and its bytes past the launch's size are poisoned under
+//                   AddressSanitizer and guarded by a canary otherwise
 //   launch limits   at most 1024 threads per block, blockDim.z <= 64, gridDim.y, z <= 65535
-// Static __shared__ arrays are thread_local (one per block, blocks run in turn), so
-// -fsanitize=bounds (part of UBSan) catches an index past their end; global buffers are heap
-// allocations of their exact size, so AddressSanitizer catches any byte past them.
+// Static __shared__ arrays are thread_local (one per block, blocks run in turn; the program's
+// thread-local block holds nothing else), so -fsanitize=bounds (part of UBSan) catches an index
+// past their end; global buffers are heap allocations of their exact size, so AddressSanitizer
+// catches any byte past them.
 #pragma once
 
+#include <link.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -350,12 +353,38 @@ inline void check_launch(dim3 grid, dim3 block, size_t smem) {
              MAX_DYNAMIC_SMEM);
 }
 
-// Dynamic shared memory of one block: the launch's bytes NaN, the rest poisoned / guarded.
-inline void prepare_dynamic() {
+// The program's thread-local block: every __shared__ array, static and dynamic.
+struct TlsBlock {
+    unsigned char* data = nullptr;
+    size_t size = 0;
+};
+
+inline int find_tls(struct dl_phdr_info* info, size_t, void* out) {
+    for (int i = 0; i < info->dlpi_phnum; ++i) {  // the first module is the program itself
+        if (info->dlpi_phdr[i].p_type == PT_TLS) {
+            ((TlsBlock*)out)->data = (unsigned char*)info->dlpi_tls_data;
+            ((TlsBlock*)out)->size = info->dlpi_phdr[i].p_memsz;
+        }
+    }
+    return 1;
+}
+
+// Shared memory of a new block: all of it NaN (0xff), the dynamic bytes past the launch's size
+// poisoned (AddressSanitizer) and filled with a canary.
+inline void prepare_shared() {
+    static TlsBlock tls;
+    static bool found = false;
+    if (!found) {
+        dl_iterate_phdr(find_tls, &tls);
+        found = true;
+    }
     for (Dynamic& d : g_dynamic) {
 #if KVHOST_ASAN
         ASAN_UNPOISON_MEMORY_REGION(d.base, d.capacity);
 #endif
+    }
+    if (tls.data) memset(tls.data, 0xff, tls.size);
+    for (Dynamic& d : g_dynamic) {
         memset(d.base, 0xff, g_dynamic_size);
         memset(d.base + g_dynamic_size, CANARY, d.capacity - g_dynamic_size);
 #if KVHOST_ASAN
@@ -401,7 +430,7 @@ inline void launch(const char* kernel, dim3 grid, dim3 block, size_t smem, int o
         size_t b = order ? n_blocks - 1 - bi : bi;
         g_block_idx = {(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y),
                        (unsigned)(b / ((size_t)grid.x * grid.y))};
-        prepare_dynamic();
+        prepare_shared();
         for (size_t i = 0; i < n; ++i) {
             Thread& t = g_threads[i];
             t.lin = (int)i;
