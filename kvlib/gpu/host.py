@@ -23,6 +23,7 @@ replaces the file's text (a deliberately broken copy, in the tests).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -156,10 +157,27 @@ def compiler() -> str:
     return cxx
 
 
+@functools.cache
+def _compiler_version(cxx: str) -> str:
+    proc = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False)
+    return proc.stdout
+
+
 def cache_dir() -> Path:
-    """Where built kernel executables are kept: $KVLIB_CACHE or the temp dir, per user."""
-    root = os.environ.get("KVLIB_CACHE") or Path(tempfile.gettempdir()) / f"kvlib-{os.getuid()}"
-    return Path(root) / "host-kernels"
+    """Where built kernel executables are kept: $KVLIB_CACHE or the temp dir, per user.
+
+    The folder is created private (mode 700); one owned by another user is refused, since
+    the executables in it are run.
+    """
+    root = Path(
+        os.environ.get("KVLIB_CACHE") or Path(tempfile.gettempdir()) / f"kvlib-{os.getuid()}"
+    )
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if root.stat().st_uid != os.getuid():
+        raise ToolchainError(
+            f"{root} belongs to another user; set KVLIB_CACHE to a folder of yours"
+        )
+    return root / "host-kernels"
 
 
 def build(file: str, *, sanitize: bool = False, source: str | None = None) -> Path:
@@ -171,7 +189,13 @@ def build(file: str, *, sanitize: bool = False, source: str | None = None) -> Pa
     texts = {h: headers.joinpath(h).read_text() for h in HEADERS}
     key = hashlib.sha256(
         "\0".join(
-            [cxx, *flags, source, *texts.values(), _dispatch_source(source, Path(file))]
+            [
+                _compiler_version(cxx),
+                *flags,
+                source,
+                *texts.values(),
+                _dispatch_source(source, Path(file)),
+            ]
         ).encode()
     ).hexdigest()[:20]
     out = cache_dir() / f"{Path(file).stem}-{'asan' if sanitize else 'plain'}-{key}"
