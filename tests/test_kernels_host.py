@@ -343,3 +343,101 @@ def test_sources_are_unmodified_cuda():
         src = kernel_source(file)
         assert "kvhost" not in src and "__CUDACC__" not in src, f"{file} is not plain CUDA"
         assert re.search(r"#include <cuda_fp16\.h>", src), f"{file} includes CUDA's headers"
+
+
+# ---- the execution model itself, on small kernels of the tests' own ------------------------------
+PRIMITIVES = r"""
+#include <cuda_fp16.h>
+#include <mma.h>
+using namespace nvcuda;
+
+// out[4 * 32 * blk + 32 * op + lane]: idx, up, down, xor shuffles of in[lane] with `width`
+extern "C" __global__ void shuffles(const int* in, int* out, int arg, int width) {
+    int lane = threadIdx.x, v = in[lane], base = 4 * 32 * blockIdx.x;
+    out[base + lane] = __shfl_sync(0xffffffffu, v, arg, width);
+    out[base + 32 + lane] = __shfl_up_sync(0xffffffffu, v, arg, width);
+    out[base + 64 + lane] = __shfl_down_sync(0xffffffffu, v, arg, width);
+    out[base + 96 + lane] = __shfl_xor_sync(0xffffffffu, v, arg, width);
+}
+
+// halves of the warp reduce on their own, with their own masks: legal, and run as such
+extern "C" __global__ void half_warps(const float* in, float* out) {
+    int lane = threadIdx.x;
+    unsigned mask = lane < 16 ? 0x0000ffffu : 0xffff0000u;
+    float v = in[lane];
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(mask, v, o, 16);
+    __syncwarp(mask);
+    out[lane] = v;
+}
+
+// a (2, 64) block: warp w = threadIdx.y holds rows w * 16..; D = A B + C with A col-major,
+// C loaded and D stored col-major
+extern "C" __global__ void wmma_layouts(const half* a, const half* b, const float* c, float* d) {
+    __shared__ __align__(32) half as[2][256];
+    int w = threadIdx.y, lane = threadIdx.x % 32;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) as[w][i] = a[w * 256 + i];
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::col_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::row_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+    if (threadIdx.x < 32) {  // one warp per row of the block
+        wmma::load_matrix_sync(fa, as[w], 16);
+        wmma::load_matrix_sync(fb, b, 16);
+        wmma::load_matrix_sync(fc, c + w * 256, 16, wmma::mem_col_major);
+        wmma::mma_sync(fc, fa, fb, fc);
+        wmma::store_matrix_sync(d + w * 256, fc, 16, wmma::mem_col_major);
+    }
+    (void)lane;
+}
+"""
+
+
+def _cuda_shuffles(v, arg, width):
+    """CUDA's four shuffles as the programming guide defines them, lane by lane."""
+    idx, up, down, xor = [], [], [], []
+    for lane in range(32):
+        seg = lane // width * width
+        idx.append(v[seg + arg % width])
+        up.append(v[lane - arg] if lane - seg >= arg else v[lane])
+        down.append(v[lane + arg] if lane - seg + arg < width else v[lane])
+        xor.append(v[lane ^ arg] if (lane ^ arg) < seg + width else v[lane])
+    return np.array(idx + up + down + xor, np.int32)
+
+
+@pytest.mark.parametrize(("arg", "width"), [(1, 32), (5, 32), (3, 8), (9, 16), (31, 4)])
+def test_shuffles_follow_the_programming_guide(arg, width):
+    v = np.arange(100, 132, dtype=np.int32)
+    out = np.zeros(4 * 32, np.int32)
+    got = host.launch("p.cu", "shuffles", (1,), (32,), [v, out, arg, width], source=PRIMITIVES)
+    want = _cuda_shuffles(v.tolist(), arg, width)
+    assert np.array_equal(got["out"], want), f"arg {arg} width {width}: {got['out']} vs {want}"
+
+
+def test_separate_masks_for_the_two_half_warps_are_legal():
+    x = np.arange(32, dtype=np.float32)
+    out = np.zeros(32, np.float32)
+    for order in host.ORDERS:
+        got = host.launch("p.cu", "half_warps", (1,), (32,), [x, out], order=order,
+                          source=PRIMITIVES)["out"]  # fmt: skip
+        want = np.repeat([x[:16].sum(), x[16:].sum()], 16)
+        assert np.array_equal(got, want), f"{order}: {got} vs {want}"
+
+
+def test_wmma_layouts_and_warps_of_a_2d_block():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 16, 16)).astype(np.float16)  # (2, 16, 16) stored col-major
+    b = rng.standard_normal((16, 16)).astype(np.float16)
+    c = rng.standard_normal((2, 16, 16)).astype(np.float32)  # col-major too
+    d = np.zeros((2, 16, 16), np.float32)
+    got = host.launch("p.cu", "wmma_layouts", (1,), (64, 2), [a, b, c, d], source=PRIMITIVES)
+    for w in range(2):
+        A, C = a[w].T.astype(np.float64), c[w].T.astype(np.float64)  # col-major: transpose
+        want = A @ b.astype(np.float64) + C
+        diff = np.abs(got["d"][w].T - want).max()
+        assert diff < 1e-4, f"warp {w}: max diff {diff:.2e}"
+
+
+def test_a_full_mask_in_a_partial_warp_is_reported():
+    v, out = np.zeros(32, np.int32), np.zeros(4 * 32, np.int32)
+    with pytest.raises(KernelFaultError, match="names lane 16 .* which this block does not have"):
+        host.launch("p.cu", "shuffles", (1,), (16,), [v, out, 1, 32], source=PRIMITIVES)
