@@ -441,3 +441,14 @@ def test_a_full_mask_in_a_partial_warp_is_reported():
     v, out = np.zeros(32, np.int32), np.zeros(4 * 32, np.int32)
     with pytest.raises(KernelFaultError, match="names lane 16 .* which this block does not have"):
         host.launch("p.cu", "shuffles", (1,), (16,), [v, out, 1, 32], source=PRIMITIVES)
+
+
+def test_the_headers_ship_with_the_package():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "kernels/host/*.h" in pyproject["tool"]["setuptools"]["package-data"]["kvlib"]
+    for header in host.HEADERS:
+        assert (root / "kvlib" / "kernels" / "host" / header).is_file(), header
