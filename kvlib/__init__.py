@@ -9,7 +9,7 @@ checks every import, those inside functions too, so there is no cycle and no upw
     0  errors
     1  config  data  metrics  notebook  paged_kernel  timing  gpu  gpu.nvrtc
     2  attention  rope  registry  flops  serving  gpu.kernels
-    3  cache  memory
+    3  cache  memory  gpu.host
     4  paged  quant  eviction.base  gpu.roofline
     5  eviction.policies  transformer  gpu.emulate
     6  eviction  generate  chunked  hf  pretrained

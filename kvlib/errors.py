@@ -99,6 +99,10 @@ class ToolchainError(KVLibError, RuntimeError):
     """The CUDA compiler wheels (NVRTC, headers, ptxas) are missing or a compile failed."""
 
 
+class KernelFaultError(KVLibError, RuntimeError):
+    """A CUDA kernel run on the CPU broke a rule of the GPU (bounds, barrier, shuffle, WMMA)."""
+
+
 def check_int(
     name: str,
     value: object,

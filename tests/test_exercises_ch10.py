@@ -1,8 +1,15 @@
 import math
 
+import numpy as np
 import pytest
 
-from kvlib.exercises.ch10 import check_intensity, check_split_ranges, check_tiles
+from kvlib.exercises.ch10 import (
+    WARP_SUM_ROWS,
+    check_intensity,
+    check_split_ranges,
+    check_tiles,
+    check_warp_sum,
+)
 from kvlib.gpu.emulate import split_ranges
 from kvlib.memory import GPUS, MODELS
 from tests.answers import assert_hints_hide, assert_not_revealed, failures
@@ -121,3 +128,48 @@ def test_split_ranges_hides_the_answer(capsys):
         lambda: check_split_ranges([(0, 256), (256, 512), (512, 768), (768, 1024)]),
     )
     assert_hints_hide(hints, right, blocks)
+
+
+WARP_SUM = r"""
+extern "C" __global__ void warp_sum(const float* __restrict__ x, float* __restrict__ out) {
+    float v = x[blockIdx.x * 32 + threadIdx.x];  // one number per lane
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (threadIdx.x == 0) out[blockIdx.x] = v;
+}
+"""
+
+
+def _warp_sum_mistakes():
+    return [
+        (WARP_SUM.replace("0xffffffffu", "0x0000ffffu"), "does not name the calling lane 16"),
+        (WARP_SUM.replace("out[blockIdx.x] = v;", "(void)v;"), "never written"),
+        (WARP_SUM.replace("o = 16", "o = 8"), "sums are wrong in 6 of 6 rows"),
+        (WARP_SUM.replace("float v", "flot v"), "does not compile:\nline 3:5: error"),
+        (WARP_SUM.replace("threadIdx.x];", "threadIdx.x + 1];"), "heap-buffer-overflow"),
+        (WARP_SUM.replace("__shfl_xor_sync(0xffffffffu, v, o)", "x[o]"), "warp shuffles"),
+        (WARP_SUM.replace("warp_sum(const float*", "wsum(const float*"), "void warp_sum"),
+        (WARP_SUM.replace("float* __restrict__ out)", "int* __restrict__ out)"), "float\\* out"),
+    ]
+
+
+def test_warp_sum(capsys):
+    check_warp_sum(WARP_SUM)
+    assert capsys.readouterr().out.startswith("Correct")
+    down = WARP_SUM.replace(
+        "__shfl_xor_sync(0xffffffffu, v, o)", "__shfl_down_sync(0xffffffffu, v, o)"
+    )
+    check_warp_sum(down)  # lane 0 holds the sum with shuffles down too
+    for source, hint in _warp_sum_mistakes():
+        with pytest.raises(AssertionError, match=hint):
+            check_warp_sum(source)
+    with pytest.raises(AssertionError, match="a str"):
+        check_warp_sum(None)
+
+
+def test_warp_sum_hides_the_answer(capsys):
+    rng = np.random.default_rng(10)  # the check's own input
+    want = rng.integers(-100, 100, (WARP_SUM_ROWS, 32)).astype(np.float32).sum(axis=1)
+    check_warp_sum(WARP_SUM)
+    assert_not_revealed(capsys.readouterr().out, *want.tolist())
+    hints = failures(*(lambda s=s: check_warp_sum(s) for s, _ in _warp_sum_mistakes()))
+    assert_hints_hide(hints, *want.tolist())

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from kvlib import memory
 from kvlib.gpu import roofline as rl
 from kvlib.memory import GPUS, get_model
 
@@ -70,3 +71,11 @@ def test_misuse_raises():
         rl.ridge_point("A1000")
     with pytest.raises(TypeError, match="ModelConfig or a name"):
         rl.model_attention_intensity(42, 100)
+
+
+def test_cuda_core_ridge_point_is_below_the_tensor_core_one():
+    t4 = rl.cuda_core_ridge_point("T4")
+    assert t4 == pytest.approx(8.1e12 / 320e9), f"T4 CUDA-core ridge {t4:.1f} FLOP/byte"
+    for name, gpu in memory.GPUS.items():
+        cuda = rl.cuda_core_ridge_point(gpu)
+        assert 1 < cuda < rl.ridge_point(gpu), f"{name}: CUDA-core ridge {cuda:.1f}"

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 
+import numpy as np
+
+from kvlib.errors import KernelFaultError, ToolchainError
 from kvlib.exercises import correct, expect
+from kvlib.gpu import host
 from kvlib.gpu.emulate import split_ranges
 from kvlib.gpu.roofline import model_attention_intensity, ridge_point, tile_utilization
 from kvlib.memory import get_model
@@ -94,3 +99,74 @@ def check_split_ranges(ranges: list[tuple[int, int]]) -> None:
         "each partition takes ceil(blocks / 4) of them",
     )
     correct("your 4 partitions match split_range in paged_attention.cu")
+
+
+WARP_SUM_ROWS = 6  # warps (blocks) the check launches, one per row of x
+
+
+def _run_warp_sum(source: str, x: np.ndarray, order: str) -> np.ndarray:
+    out = np.full(len(x), np.nan, np.float32)  # (rows,) NaN: a row never written shows
+    try:
+        return host.launch(
+            "warp_sum.cu",
+            "warp_sum",
+            (len(x),),
+            (32,),
+            [x, out],
+            order=order,
+            sanitize=True,
+            source=source,
+        )["out"]
+    except ToolchainError as err:
+        errors = [
+            re.sub(r"\S*warp_sum\.cu:", "line ", ln)
+            for ln in str(err).splitlines()
+            if "error" in ln
+        ][:3]
+        expect(False, "your kernel does not compile:\n" + "\n".join(errors))
+    except KernelFaultError as err:
+        lines = [ln for ln in str(err).splitlines() if "kvhost:" in ln or "ERROR" in ln][:1]
+        expect(
+            False,
+            "the CPU run stopped your kernel, as a GPU would fault or hang:\n" + "\n".join(lines),
+        )
+    raise AssertionError("unreachable")
+
+
+def check_warp_sum(source: str) -> None:
+    """A CUDA kernel warp_sum(const float* x, float* out): one warp per row of x (rows, 32)
+    adds the row with warp shuffles; lane 0 writes out[row]. Run on the CPU in both thread
+    orders, under AddressSanitizer and UBSan."""
+    expect(
+        isinstance(source, str),
+        f"source should be the kernel's CUDA text, a str, got {type(source).__name__}",
+    )
+    expect(
+        "__shfl" in source,
+        "add the 32 numbers with warp shuffles (__shfl_xor_sync or "
+        "__shfl_down_sync), not a loop over memory",
+    )
+    expect(
+        "__shared__" not in source,
+        "no shared memory is needed: the shuffles move the numbers between the lanes' registers",
+    )
+    params = host.kernel_params(source)
+    expect("warp_sum" in params, 'declare the kernel as extern "C" __global__ void warp_sum(...)')
+    kinds = [(p.kind, p.dtype) for p in params["warp_sum"]]
+    expect(kinds == [("p", np.float32)] * 2, "warp_sum takes (const float* x, float* out)")
+    rng = np.random.default_rng(10)
+    x = rng.integers(-100, 100, (WARP_SUM_ROWS, 32)).astype(np.float32)  # (rows, 32), exact sums
+    want = x.sum(axis=1)  # (rows,)
+    for order in host.ORDERS:
+        got = _run_warp_sum(source, x, order)
+        expect(
+            not np.isnan(got).any(),
+            "some rows of out were never written: lane 0 of each warp writes out[blockIdx.x]",
+        )
+        bad = int((got != want).sum())
+        expect(
+            bad == 0,
+            f"the sums are wrong in {bad} of {WARP_SUM_ROWS} rows with the threads "
+            f"run {order}: does every lane add in the value of every other?",
+        )
+    correct("your warp_sum adds every row with warp shuffles, with the threads in either order")

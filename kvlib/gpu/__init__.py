@@ -6,6 +6,8 @@
     emulate    NumPy emulation of the kernels' tiling, matched against kvlib's references
     kernels    CuPy RawModule wrappers: fp16 GEMM (naive, tiled, WMMA) and paged decode
                attention (CUDA cores, Tensor Cores), torch tensors in and out via DLPack
+    host       run the same kernels on the CPU from their exact source (g++ against a header
+               with CUDA's execution model), under AddressSanitizer and UBSan if asked
     results/   measured results of `python -m kvlib.bench --gpu` (`kvlib.bench.gpu`: copy
                bandwidth, GEMM vs cuBLAS, decode attention bandwidth from 1k to 64k tokens),
                committed as JSON and loaded by chapter 10 (`kvlib.bench.gpu_results`)

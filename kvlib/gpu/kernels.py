@@ -13,6 +13,10 @@ through DLPack: no copies, and the launch goes on torch's current stream.
     paged_decode_launcher(...)        the same arguments, checked once: returns a function
         that launches the kernels (for timing and decode loops); launch_plan gives its grid
 
+The launch plan (which kernel, grid, block, dynamic shared memory, arguments) is built once,
+by `gemm_launches` and `paged_decode_launches`, for any device: CuPy runs it here, and
+`kvlib.gpu.host` runs the same plan on the CPU from the same source.
+
 Every check runs before CuPy is imported, so misuse (a CPU tensor, a wrong dtype, a strided
 view) raises a clear error on any machine. The reference paths: `a.float() @ b.float()` and
 `kvlib.paged.paged_attention`; `kvlib.gpu.emulate` reproduces the kernels' arithmetic on CPU.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -50,6 +55,21 @@ def _check_tensor(name: str, x: object, ndim: int, dtype: torch.dtype, layout: s
             "row-major memory (call .contiguous())"
         )
     return x
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: source file, kernel, grid, block, dynamic shared bytes, arguments.
+
+    `args` are torch tensors (the buffers) and NumPy scalars, in the kernel's parameter order.
+    """
+
+    file: str
+    kernel: str
+    grid: tuple[int, ...]
+    block: tuple[int, ...]
+    shared_mem: int
+    args: tuple
 
 
 def _check_devices(**tensors: torch.Tensor) -> torch.device:
@@ -95,6 +115,11 @@ def load_module(name: str):
     return cupy.RawModule(code=kernel_source(name), options=options, jitify=False)
 
 
+def _cupy_args(launch: Launch) -> tuple:
+    """The launch's arguments for CuPy: tensors as CuPy arrays (DLPack, no copy)."""
+    return tuple(_as_cupy(a) if isinstance(a, torch.Tensor) else a for a in launch.args)
+
+
 def _launch(device: torch.device, file: str, kernel: str, grid, block, args, shared_mem=0):
     cupy = _cupy()
     with cupy.cuda.Device(device.index):
@@ -116,8 +141,23 @@ def _check_tensor_cores(device: torch.device) -> None:
         )
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "wmma") -> torch.Tensor:
-    """C = A @ B with fp16 inputs and fp32 accumulation: (M, R) @ (R, N) -> (M, N) fp32."""
+def gemm_plan(method: str, M: int, N: int) -> dict:
+    """Kernel, grid, block and dynamic shared memory of the GEMM `method` for an (M, N) C."""
+    if method not in GEMM_METHODS:
+        raise ValueError(f"method must be one of {GEMM_METHODS}, got {method!r}")
+    if method == "wmma":
+        grid, block = (-(-N // 32), -(-M // 32)), (128,)  # 32 x 32 of C per block, 4 warps
+    else:
+        grid, block = (-(-N // 16), -(-M // 16)), (16, 16)  # one thread per element of C
+    return {"kernel": f"gemm_{method}", "grid": grid, "block": block, "shared_mem": 0}
+
+
+def gemm_launches(a: torch.Tensor, b: torch.Tensor, method: str) -> tuple[torch.Tensor, list]:
+    """Check a GEMM's inputs; return C (M, N) fp32, allocated on a's device, and its launches.
+
+    No launch when M or N is 0 (C is empty). Device-agnostic: `gemm` runs the launches with
+    CuPy, `kvlib.gpu.host.gemm` on the CPU.
+    """
     if method not in GEMM_METHODS:
         raise ValueError(f"method must be one of {GEMM_METHODS}, got {method!r}")
     _check_tensor("a", a, 2, torch.float16, "(M, R)")
@@ -126,19 +166,24 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "wmma") -> torch.Ten
         raise ValueError(
             f"a {tuple(a.shape)} and b {tuple(b.shape)} do not chain: expected (M, R) @ (R, N)"
         )
-    device = _check_devices(a=a, b=b)
     M, R = a.shape
     N = b.shape[1]
-    c = torch.empty(M, N, dtype=torch.float32, device=device)  # (M, N)
+    c = torch.empty(M, N, dtype=torch.float32, device=a.device)  # (M, N)
     if M == 0 or N == 0:
-        return c
+        return c, []
+    plan = gemm_plan(method, M, N)
+    args = (a, b, c, *(np.int32(n) for n in (M, N, R)))
+    return c, [Launch("gemm.cu", plan["kernel"], plan["grid"], plan["block"], 0, args)]
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "wmma") -> torch.Tensor:
+    """C = A @ B with fp16 inputs and fp32 accumulation: (M, R) @ (R, N) -> (M, N) fp32."""
+    c, launches = gemm_launches(a, b, method)
+    device = _check_devices(a=a, b=b)
     if method == "wmma":
         _check_tensor_cores(device)
-        grid, block = (-(-N // 32), -(-M // 32)), (128,)  # 32 x 32 of C per block, 4 warps
-    else:
-        grid, block = (-(-N // 16), -(-M // 16)), (16, 16)
-    args = (_as_cupy(a), _as_cupy(b), _as_cupy(c), *(np.int32(n) for n in (M, N, R)))
-    _launch(device, "gemm.cu", f"gemm_{method}", grid, block, args)
+    for ln in launches:
+        _launch(device, ln.file, ln.kernel, ln.grid, ln.block, _cupy_args(ln), ln.shared_mem)
     return c
 
 
@@ -170,7 +215,7 @@ def launch_plan(method: str, B: int, H: int, K: int, T: int, D: int, num_splits:
     }
 
 
-def paged_decode_launcher(
+def paged_decode_launches(
     q: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
@@ -180,13 +225,12 @@ def paged_decode_launcher(
     method: str = "wmma",
     num_splits: int = 1,
     scale: float | None = None,
-) -> Callable[[], torch.Tensor]:
-    """Validate once and prepare `paged_decode_attention`; return a function that launches it.
+) -> tuple[torch.Tensor, list[Launch]]:
+    """Check the inputs of `paged_decode_attention`; return its output and its two launches.
 
-    Each call of the returned function runs the attention kernel and `split_kv_reduce` on the
-    same inputs (read again, so new cache contents are seen) and returns the (B, H, T, D)
-    output tensor, reused between calls. The checks, which read seq_lens and block_tables on
-    the host, run here and not in every launch (for timing, and for a decode loop).
+    The output (B, H, T, D) fp16 and the partials are allocated on q's device; the launches
+    are the attention kernel (grid from `launch_plan`) and `split_kv_reduce`. Device-agnostic:
+    CuPy runs them in `paged_decode_launcher`, `kvlib.gpu.host` on the CPU.
     """
     if method not in ATTENTION_METHODS:
         raise ValueError(f"method must be one of {ATTENTION_METHODS}, got {method!r}")
@@ -214,9 +258,6 @@ def paged_decode_launcher(
         raise ValueError(f"the Tensor Core kernel needs D a multiple of 16, got D={D}")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"head dim D={D} is above the kernels' limit of {MAX_HEAD_DIM}")
-    device = _check_devices(
-        q=q, k_pool=k_pool, v_pool=v_pool, block_tables=block_tables, seq_lens=seq_lens
-    )
     lens = seq_lens.cpu()
     M = block_tables.shape[1]
     if bool((lens < T).any()) or bool((lens > M * P).any()):
@@ -229,28 +270,59 @@ def paged_decode_launcher(
     ids = tables[needed]
     if bool(((ids < 0) | (ids >= n_blocks)).any()):
         raise IndexError(f"block_tables name blocks outside [0, {n_blocks}) where tokens live")
-    if method == "wmma":
-        _check_tensor_cores(device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     plan = launch_plan(method, B, H, K, T, D, num_splits)
+    device = q.device
 
     part_m = torch.empty(B, H, T, num_splits, dtype=torch.float32, device=device)
     part_l = torch.empty_like(part_m)  # (B, H, T, NS)
     part_o = torch.empty(B, H, T, num_splits, D, dtype=torch.float32, device=device)
     out = torch.empty_like(q)  # (B, H, T, D)
     args = (
-        *(_as_cupy(x) for x in (q, k_pool, v_pool, block_tables, seq_lens)),
-        *(_as_cupy(x) for x in (part_m, part_l, part_o)),
+        q, k_pool, v_pool, block_tables, seq_lens, part_m, part_l, part_o,
         *(np.int32(n) for n in (H, K, T, D, P, M, num_splits)),
         np.float32(scale),
-    )
-    reduce_args = (*(_as_cupy(x) for x in (part_m, part_l, part_o, out)), np.int32(num_splits),
-                   np.int32(D))  # fmt: skip
+    )  # fmt: skip
+    reduce_args = (part_m, part_l, part_o, out, np.int32(num_splits), np.int32(D))
     file = "paged_attention.cu"
+    return out, [
+        Launch(file, plan["kernel"], plan["grid"], plan["block"], plan["shared_mem"], args),
+        Launch(file, "split_kv_reduce", (B * H * T,), (128,), 0, reduce_args),
+    ]
+
+
+def paged_decode_launcher(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    method: str = "wmma",
+    num_splits: int = 1,
+    scale: float | None = None,
+) -> Callable[[], torch.Tensor]:
+    """Validate once and prepare `paged_decode_attention`; return a function that launches it.
+
+    Each call of the returned function runs the attention kernel and `split_kv_reduce` on the
+    same inputs (read again, so new cache contents are seen) and returns the (B, H, T, D)
+    output tensor, reused between calls. The checks, which read seq_lens and block_tables on
+    the host, run here and not in every launch (for timing, and for a decode loop).
+    """
+    out, launches = paged_decode_launches(
+        q, k_pool, v_pool, block_tables, seq_lens, method=method, num_splits=num_splits,
+        scale=scale,
+    )  # fmt: skip
+    device = _check_devices(
+        q=q, k_pool=k_pool, v_pool=v_pool, block_tables=block_tables, seq_lens=seq_lens
+    )
+    if method == "wmma":
+        _check_tensor_cores(device)
+    prepared = [(ln, _cupy_args(ln)) for ln in launches]
 
     def launch() -> torch.Tensor:
-        _launch(device, file, plan["kernel"], plan["grid"], plan["block"], args, plan["shared_mem"])
-        _launch(device, file, "split_kv_reduce", (B * H * T,), (128,), reduce_args)
+        for ln, args in prepared:
+            _launch(device, ln.file, ln.kernel, ln.grid, ln.block, args, ln.shared_mem)
         return out
 
     return launch

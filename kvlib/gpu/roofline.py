@@ -13,8 +13,10 @@ one kv head, T query tokens, S cached keys, D head dim, b bytes per element):
     I      = 4 G T S D / (2 S D b + 2 G T D b)  ~  2 G T / b  for S >> G T
 
 In fp16 (b = 2) that is about G * T FLOP/byte: 1 for MHA decode (G = T = 1), 8 for a model
-with 8 query heads per kv head. Every GPU in `kvlib.memory.GPUS` has a ridge point in the
-hundreds, so generating a token is memory bound: its speed is set by how fast the cache is read.
+with 8 query heads per kv head. Every GPU in `kvlib.memory.GPUS` has a Tensor Core ridge point
+in the hundreds, so generating a token is memory bound: its speed is set by how fast the cache
+is read. A kernel on the CUDA cores (no Tensor Cores) meets a lower roof: the fp32 peak of
+`CUDA_CORE_FP32_FLOPS`, whose ridge point is tens of FLOP/byte (about 25 on a T4).
 """
 
 from __future__ import annotations
@@ -22,7 +24,22 @@ from __future__ import annotations
 import torch
 
 from kvlib.config import ModelConfig, check_int, dtype_bytes
+from kvlib.errors import UnknownNameError
 from kvlib.memory import GPU, get_gpu, get_model
+
+# Datasheet peak fp32 FLOP/s of the CUDA cores (no Tensor Cores), dense, per GPU of
+# kvlib.memory.GPUS (the same datasheets; SXM parts; MI300X: vector fp32).
+CUDA_CORE_FP32_FLOPS: dict[str, float] = {
+    "T4": 8.1e12,
+    "L4": 30.3e12,
+    "A10": 31.2e12,
+    "V100-32": 15.7e12,
+    "A100-40": 19.5e12,
+    "A100-80": 19.5e12,
+    "H100-80": 67e12,
+    "H200-141": 67e12,
+    "MI300X": 163.4e12,
+}
 
 
 def decode_attention_flops(G: int, S: int, D: int, T: int = 1) -> int:
@@ -78,6 +95,15 @@ def ridge_point(gpu: GPU | str) -> float:
     """FLOP/byte where the roofline bends: peak FLOP/s divided by bandwidth (bytes/s)."""
     g = _gpu(gpu)
     return g.peak_flops / g.bandwidth
+
+
+def cuda_core_ridge_point(gpu: GPU | str) -> float:
+    """FLOP/byte where the CUDA-core (fp32, no Tensor Core) roofline bends: about 25 on a T4."""
+    g = _gpu(gpu)
+    if g.name not in CUDA_CORE_FP32_FLOPS:
+        known = list(CUDA_CORE_FP32_FLOPS)
+        raise UnknownNameError(f"no fp32 CUDA-core peak for {g.name}; known: {known}")
+    return CUDA_CORE_FP32_FLOPS[g.name] / g.bandwidth
 
 
 def attainable_flops(intensity: float, gpu: GPU | str) -> float:
