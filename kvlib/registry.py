@@ -10,12 +10,18 @@ Units: bytes are bytes; GB = 1e9 bytes and GiB = 2**30 bytes; GPU datasheets wri
 memory capacity that is 80 GiB (nvidia-smi lists an A100 80GB as 81920 MiB), while bandwidths in
 GB/s and TB/s are decimal; `GPU` stores both in plain bytes and bytes/s. The formulas that use
 these numbers are in `kvlib.memory`.
+
+Usable memory: some GPUs show less than their label. GDDR memory with ECC on gives up 6.25% of
+its capacity to the check bits (a T4 labelled 16 GB shows 15 GiB), and an H100 80GB shows
+81559 MiB, not 81920. Where the memory the driver reports (nvidia-smi's total) differs from the
+label, `GPU.memory_usable_bytes` holds it, with its source in `usable_source`; `GPU.usable()` is
+the same GPU with that memory, for the capacity formulas of `kvlib.memory`.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvlib.config import ModelConfig
 from kvlib.errors import UnknownNameError
@@ -269,17 +275,33 @@ class GPU:
     bf16: bool  # whether the tensor cores take bf16 (T4 and V100: fp16 only)
     source: str  # bibtex key of the datasheet
     note: str = ""
+    memory_usable_bytes: int | None = None  # what the driver reports, where less than the label
+    usable_source: str = ""  # bibtex key of memory_usable_bytes
+
+    @property
+    def usable_bytes(self) -> int:
+        """The memory a program can use: the reported figure if recorded, else the label's."""
+        return self.memory_bytes if self.memory_usable_bytes is None else self.memory_usable_bytes
+
+    def usable(self) -> GPU:
+        """This GPU with `memory_bytes` set to the usable memory (itself if nothing is recorded)."""
+        if self.memory_usable_bytes is None:
+            return self
+        return replace(self, memory_bytes=self.memory_usable_bytes, memory_usable_bytes=None)
 
 
 GPUS: dict[str, GPU] = {
     g.name: g
     for g in (
         GPU("T4", 16 * GiB, "16 GB GDDR6", 320 * GB, 65 * TB, False, "nvidia2019t4",
-            "Colab's free GPU; with ECC on, 15 GiB are visible"),
+            "Colab's free GPU; ECC on (as in clouds) leaves 15 GiB",
+            memory_usable_bytes=15360 * MiB, usable_source="modal2025gpumemory"),
         GPU("L4", 24 * GiB, "24 GB GDDR6", 300 * GB, 121 * TB, True, "nvidia2023l4",
-            "datasheet lists 242 TFLOPS with sparsity"),
+            "datasheet lists 242 TFLOPS with sparsity; ECC on",
+            memory_usable_bytes=23034 * MiB, usable_source="modal2025gpumemory"),
         GPU("A10", 24 * GiB, "24 GB GDDR6", 600 * GB, 125 * TB, True, "nvidia2021a10",
-            "datasheet lists 250 TFLOPS with sparsity"),
+            "datasheet lists 250 TFLOPS with sparsity; ECC on",
+            memory_usable_bytes=23028 * MiB, usable_source="modal2025gpumemory"),
         GPU("V100-32", 32 * GiB, "32 GB HBM2", 900 * GB, 125 * TB, False, "nvidia2020v100",
             "SXM2"),
         GPU("A100-40", 40 * GiB, "40 GB HBM2", 1555 * GB, 312 * TB, True, "nvidia2021a100",
@@ -287,7 +309,8 @@ GPUS: dict[str, GPU] = {
         GPU("A100-80", 80 * GiB, "80 GB HBM2e", 2039 * GB, 312 * TB, True, "nvidia2021a100",
             "SXM; datasheet lists 624 TFLOPS with sparsity"),
         GPU("H100-80", 80 * GiB, "80 GB HBM3", 3.35 * TB, 989.5 * TB, True, "nvidia2023h100",
-            "SXM; datasheet lists 1,979 TFLOPS with sparsity"),
+            "SXM; datasheet lists 1,979 TFLOPS with sparsity",
+            memory_usable_bytes=81559 * MiB, usable_source="modal2025gpumemory"),
         GPU("H200-141", 141 * GiB, "141 GB HBM3e", 4.8 * TB, 989.5 * TB, True, "nvidia2024h200",
             "SXM; datasheet lists 1,979 TFLOPS with sparsity"),
         GPU("MI300X", 192 * GiB, "192 GB HBM3", 5.3 * TB, 1307.4 * TB, True, "amd2023mi300x",

@@ -1,4 +1,11 @@
-"""A serving-trace simulation: how much KV memory each allocation policy wastes.
+"""Serving under memory pressure: a trace simulation of KV memory, and a preempting scheduler.
+
+Two tools for chapter 5. `simulate` replays a trace of request lengths under an allocation
+policy and counts, step by step, the KV memory reserved and used (no model runs). `generate_paged`
+runs a real model on a paged cache too small for its batch, preempting sequences when the pool
+runs dry (by swapping their blocks to CPU memory, or by dropping them and recomputing them later).
+
+The simulation.
 
 Unit of memory: one token slot (the K and V of one token over all layers; multiply by
 `kvlib.memory.kv_bytes_per_token` for bytes). A trace is a list of requests, each a prompt
@@ -7,18 +14,26 @@ with iteration-level (continuous) batching: at every step each running request a
 token, so after s steps it caches p + s tokens and it leaves after step o. The KV memory is a
 pool of `budget` slots.
 
-Policies (Kwon et al. 2023, section 3 and Fig. 2, compare the same three):
+Policies (Kwon et al. 2023, section 6.1 and Fig. 2, compare the same three as "Orca"):
 
     "max"     contiguous: reserve max_len slots per request when it is admitted
-    "pow2"    contiguous: reserve the next power of two >= p + o
+    "pow2"    contiguous: reserve p + the next power of two >= o (outputs over-reserved by
+              less than 2x: an output of 25 tokens gets 32 slots, the paper's example)
     "exact"   contiguous: reserve exactly p + o (an oracle that knows the output length)
     "paged"   blocks of `block_size` slots, one more when the last is full; when the pool
-              runs dry the most recently admitted request is preempted (its blocks freed,
-              recomputed later)
+              runs dry the most recently admitted request is preempted: its blocks are freed
+              and its p + s cached tokens are recomputed (a prefill) when it is readmitted
 
-Contiguous reservations are placed first-fit in one address range [0, budget), so holes
-between them (external fragmentation) are modelled too. Per step the simulation records the
-slots holding tokens (used) and the slots reserved (contiguous) or held in blocks (paged).
+Contiguous reservations live in one address range [0, budget), so holes between them
+(external fragmentation) are modelled too. `allocator` places them: "buddy" (the paper's
+assumption for its baselines) rounds each reservation up to a power of two and places it at
+the lowest offset aligned to that size; "first-fit" places exactly the reservation at the
+lowest offset where it fits. Per step the simulation records the slots holding tokens (used)
+and the slots reserved (contiguous) or held in blocks (paged).
+
+Work: every admitted prompt is prefilled once (p tokens) and every step decodes one token per
+running request; a preempted request is recomputed when readmitted. `SimResult.token_work`
+counts all three, so a policy's steps and its recomputation can be weighed together.
 
 Lengths come from `sharegpt_like_trace`: log-normal with the means of the ShareGPT trace in
 Kwon et al. 2023, Fig. 11 (input 161.31 tokens, output 337.99 tokens on average); the spread
@@ -32,12 +47,14 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from kvlib.config import check_int
+from kvlib.errors import KVLibValueError, OutOfBlocksError, check_int
 
 SHAREGPT_MEAN_INPUT = 161.31  # Kwon et al. 2023, Fig. 11(a), input length, mean (tokens)
 SHAREGPT_MEAN_OUTPUT = 337.99  # Kwon et al. 2023, Fig. 11(a), output length, mean (tokens)
 POLICIES = ("max", "pow2", "exact", "paged")
+ALLOCATORS = ("buddy", "first-fit")
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,8 @@ class SimResult:
     running: np.ndarray  # (steps,) requests in the batch
     waiting: np.ndarray  # (steps,) requests queued after admission
     preemptions: int
+    prompt_tokens: int  # tokens prefilled once per request
+    recomputed_tokens: int  # tokens prefilled again after a preemption
 
     @property
     def steps(self) -> int:
@@ -116,6 +135,16 @@ class SimResult:
         return float(self.used[busy].sum()) / (self.budget * int(busy.sum()))
 
     @property
+    def decode_tokens(self) -> int:
+        """Tokens decoded: one per running request per step (the output tokens)."""
+        return int(self.running.sum())
+
+    @property
+    def token_work(self) -> int:
+        """Tokens the model processes: prompts + decoded tokens + recomputed tokens."""
+        return self.prompt_tokens + self.decode_tokens + self.recomputed_tokens
+
+    @property
     def mean_batch(self) -> float:
         """Requests served concurrently, averaged over steps."""
         return float(self.running.mean())
@@ -125,12 +154,28 @@ class SimResult:
         return f"paged (block {self.block_size})" if self.policy == "paged" else self.policy
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _reservation(policy: str, p: int, o: int, max_len: int) -> int:
     if policy == "max":
         return max_len
     if policy == "pow2":
-        return min(1 << (p + o - 1).bit_length(), max_len)
+        return min(p + _pow2(o), max_len)
     return p + o  # "exact"
+
+
+def _buddy_fit(spans: list[tuple[int, int]], size: int, budget: int) -> int | None:
+    """Lowest offset aligned to `size` (a power of two) where `size` slots fit between spans."""
+    candidates = sorted({0} | {-(-(off + n) // size) * size for off, n in spans})
+    for at in candidates:
+        if at + size > budget:
+            return None
+        if all(off + n <= at or at + size <= off for off, n in spans):
+            return at
+    return None
 
 
 def _first_fit(spans: list[tuple[int, int]], size: int, budget: int) -> int | None:
@@ -150,27 +195,31 @@ def simulate(
     budget: int = 16384,
     max_len: int = 2048,
     block_size: int = 16,
+    allocator: str = "buddy",
     watermark: float = 0.01,
     max_steps: int = 10**6,
 ) -> SimResult:
     """Serve `trace` with `policy` in a pool of `budget` slots; record memory every step.
 
-    Paged admission keeps `watermark` (a share of the blocks) free for the running requests
-    to grow into, as vLLM does, so that admitting one request rarely forces a preemption.
+    Contiguous policies place reservations with `allocator` ("buddy" or "first-fit"). Paged
+    admission keeps `watermark` (a share of the blocks) free for the running requests to grow
+    into, as vLLM does, so that admitting one request rarely forces a preemption.
     """
     if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if not isinstance(budget, int) or budget < max_len:
-        raise ValueError(
-            f"budget must be an int >= max_len={max_len} (room for one request), got {budget!r}"
-        )
-    if not isinstance(block_size, int) or not 1 <= block_size <= max_len:
-        raise ValueError(f"block_size must be an int in [1, {max_len}], got {block_size!r}")
+        raise KVLibValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if allocator not in ALLOCATORS:
+        raise KVLibValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
+    check_int("max_len", max_len, low=2)
+    check_int("budget", budget, low=max_len)  # room for one request
+    check_int("block_size", block_size, high=max_len)
+    check_int("max_steps", max_steps)
     total = trace.prompt_lens + trace.output_lens
     if int(total.max()) > max_len:
-        raise ValueError(f"a request needs {int(total.max())} slots, more than max_len={max_len}")
+        raise KVLibValueError(
+            f"a request needs {int(total.max())} slots, more than max_len={max_len}"
+        )
     if not 0 <= watermark < 1:
-        raise ValueError(f"watermark must be a share of the pool in [0, 1), got {watermark!r}")
+        raise KVLibValueError(f"watermark must be a share of the pool in [0, 1), got {watermark!r}")
     paged = policy == "paged"
     P = block_size
     n_blocks = budget // P
@@ -188,7 +237,7 @@ def simulate(
     blocks: dict[int, int] = {}  # paged: request -> blocks held
     free_blocks = n_blocks
     used, reserved, n_running, n_waiting = [], [], [], []
-    preemptions = 0
+    preemptions = recomputed = 0
     while waiting or running:
         if len(used) >= max_steps:
             raise RuntimeError(f"trace not served within max_steps={max_steps}")
@@ -204,7 +253,11 @@ def simulate(
             else:
                 size = _reservation(policy, prompt[r], final[r] - prompt[r], max_len)
                 ordered = sorted(spans.values())
-                at = _first_fit(ordered, size, budget)
+                if allocator == "buddy":
+                    size = _pow2(size)
+                    at = _buddy_fit(ordered, size, budget)
+                else:
+                    at = _first_fit(ordered, size, budget)
                 if at is None:
                     break
                 spans[r] = (at, size)
@@ -221,6 +274,7 @@ def simulate(
                         free_blocks += blocks.pop(victim)
                         waiting.appendleft(victim)
                         preemptions += 1
+                        recomputed += length[victim]  # its cache is rebuilt on readmission
                         if victim == r:
                             break
                         continue
@@ -251,6 +305,8 @@ def simulate(
         running=np.array(n_running, dtype=np.int64),
         waiting=np.array(n_waiting, dtype=np.int64),
         preemptions=preemptions,
+        prompt_tokens=int(trace.prompt_lens.sum()),
+        recomputed_tokens=recomputed,
     )
 
 
@@ -260,6 +316,7 @@ def fragmentation_study(
     budget: int = 16384,
     max_len: int = 2048,
     block_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+    allocator: str = "buddy",
     progress: bool = False,
 ) -> list[SimResult]:
     """Run "max", "pow2", "exact" and "paged" at each block size on the same trace."""
@@ -267,6 +324,104 @@ def fragmentation_study(
 
     runs = [("max", 1), ("pow2", 1), ("exact", 1)] + [("paged", b) for b in block_sizes]
     return [
-        simulate(trace, policy, budget=budget, max_len=max_len, block_size=bs)
+        simulate(trace, policy, budget=budget, max_len=max_len, block_size=bs, allocator=allocator)
         for policy, bs in tqdm(runs, desc="policies", disable=not progress)
     ]
+
+
+# ---- a preempting scheduler on a real paged cache ------------------------------------------
+
+
+PREEMPT_MODES = ("swap", "recompute")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One scheduling event of `generate_paged`: what happened to which row, at which step."""
+
+    step: int
+    kind: str  # "preempt", "resume" or "finish"
+    row: int  # the prompt's row in the batch
+    blocks: int  # preempt/resume: blocks released/taken; finish: blocks free afterwards
+    recomputed: int = 0  # resume by recompute: tokens prefilled again
+
+    def __str__(self) -> str:
+        if self.kind == "finish":
+            return f"step {self.step:2d}: row {self.row} finished, blocks free: {self.blocks}"
+        what = {"preempt": "preempted, releasing", "resume": "resumed, taking"}[self.kind]
+        redo = f", {self.recomputed} tokens recomputed" if self.recomputed else ""
+        return f"step {self.step:2d}: row {self.row} {what} {self.blocks} blocks{redo}"
+
+
+def generate_paged(
+    model, cache, prompts: torch.Tensor, n_new: int, *, preempt: str = "swap"
+) -> tuple[torch.Tensor, list[Event]]:
+    """Greedy decoding of `prompts` (B, T) on a paged cache that may be too small for all rows.
+
+    `cache` is a fresh `kvlib.paged.PagedKVCache` with `batch_size` B. Every step runs the
+    rows in the batch; when a step raises `OutOfBlocksError` (which writes nothing), the most
+    recently started row is preempted and the step retried. "swap" copies its blocks to CPU
+    memory and back; "recompute" drops them and, on resumption, prefills the row's tokens again
+    (vLLM V1's only way). A row resumes as soon as its blocks fit with one free block per running
+    row to spare. Returns the (B, T + n_new) tokens and the events, in order.
+    """
+    if preempt not in PREEMPT_MODES:
+        raise KVLibValueError(f"preempt must be one of {PREEMPT_MODES}, got {preempt!r}")
+    check_int("n_new", n_new)
+    B = prompts.shape[0]
+    seq_of = dict(enumerate(cache.active))  # row -> sequence id in the cache
+    with torch.inference_mode():
+        first = model(prompts, cache)[:, -1].argmax(-1)  # (B,) prefill, all rows at once
+    out = [prompts[b].tolist() + [int(first[b])] for b in range(B)]
+    done_len = prompts.shape[1] + n_new
+    running, paused, events, step = list(range(B)), [], [], 0
+    while running or paused:
+        step += 1
+        if running:
+            cache.set_active([seq_of[b] for b in running])
+            last = torch.tensor([out[b][-1] for b in running], device=prompts.device)  # (B,)
+            try:
+                with torch.inference_mode():
+                    nxt = model(last[:, None], cache)[:, -1].argmax(-1)  # (B,)
+            except OutOfBlocksError:
+                victim = running.pop()  # the most recently started row
+                if running:
+                    cache.set_active([seq_of[b] for b in running])
+                n_blocks = len(cache.block_table(seq_of[victim]))
+                if not running:  # the last row cannot grow on its own: nothing can run
+                    raise
+                if preempt == "swap":
+                    cache.swap_out(seq_of[victim])
+                else:
+                    cache.free_sequence(seq_of[victim])
+                paused.append(victim)
+                events.append(Event(step, "preempt", victim, n_blocks))
+                continue
+            for b, t in zip(running, nxt.tolist(), strict=True):
+                out[b].append(t)
+            for b in [b for b in running if len(out[b]) == done_len]:
+                running.remove(b)
+                if running:
+                    cache.set_active([seq_of[r] for r in running])
+                    cache.free_sequence(seq_of[b])
+                else:
+                    cache.reset()  # b is the last active row: empty it, releasing its blocks
+                events.append(Event(step, "finish", b, cache.allocator.num_free))
+        for b in list(paused):
+            cached = len(out[b]) - 1  # every token but the last, which the next step feeds
+            need = -(-cached // cache.block_size)
+            if cache.allocator.num_free < need + len(running):  # room to return and to grow
+                continue
+            redo = 0
+            if preempt == "swap":
+                cache.swap_in(seq_of[b])
+            else:
+                seq_of[b] = cache.add_sequence()
+                cache.set_active([seq_of[b]])
+                with torch.inference_mode():
+                    model(torch.tensor([out[b][:-1]], device=prompts.device), cache)  # (1, T)
+                redo = cached
+            paused.remove(b)
+            running.append(b)
+            events.append(Event(step, "resume", b, need, redo))
+    return torch.tensor(out, device=prompts.device), events

@@ -381,3 +381,38 @@ def test_bad_quant():
 def test_dtype_bytes_used_for_weights():
     for dtype in DTYPES:
         assert weight_bytes("GPT-2", dtype) == n_params("GPT-2") * dtype_bytes(dtype)
+
+
+# ---- usable memory -----------------------------------------------------------------------
+
+
+def test_usable_memory_is_below_the_label_and_sourced():
+    keys = set(re.findall(r"@\w+\{([^,\s]+),", BIB.read_text()))
+    recorded = [g for g in GPUS.values() if g.memory_usable_bytes is not None]
+    assert {g.name for g in recorded} >= {"T4", "H100-80"}
+    for gpu in recorded:
+        assert 0.9 * gpu.memory_bytes < gpu.memory_usable_bytes < gpu.memory_bytes, gpu.name
+        assert gpu.usable_source in keys, f"{gpu.name}: source {gpu.usable_source!r} not in bib"
+        assert gpu.usable().memory_bytes == gpu.usable_bytes == gpu.memory_usable_bytes
+    for gpu in GPUS.values():
+        if gpu.memory_usable_bytes is None:
+            assert gpu.usable() is gpu and gpu.usable_bytes == gpu.memory_bytes
+
+
+def test_gddr_with_ecc_gives_up_a_sixteenth():
+    # CUDA Best Practices Guide: GDDR with ECC on loses 6.25% of its capacity
+    t4 = get_gpu("T4")
+    assert t4.usable_bytes == 15 * GiB == t4.memory_bytes * 15 // 16
+    for name in ["L4", "A10"]:
+        g = get_gpu(name)
+        assert abs(g.usable_bytes / (g.memory_bytes * 15 / 16) - 1) < 0.001, name
+
+
+def test_llama2_7b_on_a_t4_gets_about_2k_tokens_not_4k():
+    label = max_context("Llama-2-7B", "T4", reserved_fraction=0.1)
+    usable = max_context("Llama-2-7B", get_gpu("T4").usable(), reserved_fraction=0.1)
+    assert 3500 < label < 4500 and 1500 < usable < 2500, (label, usable)
+    # the formulas read memory_bytes only: a GPU name still means the label
+    assert max_context("Llama-2-7B", "H100-80") > max_context(
+        "Llama-2-7B", get_gpu("H100-80").usable()
+    )
