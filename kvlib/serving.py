@@ -53,7 +53,7 @@ from kvlib.errors import KVLibValueError, OutOfBlocksError, check_int
 
 SHAREGPT_MEAN_INPUT = 161.31  # Kwon et al. 2023, Fig. 11(a), input length, mean (tokens)
 SHAREGPT_MEAN_OUTPUT = 337.99  # Kwon et al. 2023, Fig. 11(a), output length, mean (tokens)
-POLICIES = ("max", "pow2", "exact", "paged")
+RESERVATIONS = ("max", "pow2", "exact", "paged")
 ALLOCATORS = ("buddy", "first-fit")
 
 
@@ -205,8 +205,8 @@ def simulate(
     admission keeps `watermark` (a share of the blocks) free for the running requests to grow
     into, as vLLM does, so that admitting one request rarely forces a preemption.
     """
-    if policy not in POLICIES:
-        raise KVLibValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if policy not in RESERVATIONS:
+        raise KVLibValueError(f"policy must be one of {RESERVATIONS}, got {policy!r}")
     if allocator not in ALLOCATORS:
         raise KVLibValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
     check_int("max_len", max_len, low=2)

@@ -11,7 +11,7 @@ from kvlib.attention import causal_mask, sliding_window_mask
 from kvlib.cache import CacheFullError, KVCache, KVCacheError
 from kvlib.config import tiny
 from kvlib.eviction import (
-    POLICIES,
+    EVICTION_POLICIES,
     EvictionCache,
     FullCache,
     H2OCache,
@@ -36,7 +36,7 @@ def stream(B=2, N=40, seed=1, V=64):
 
 
 def make(policy, budget, B=2, dtype=F64, config=CONFIG, **kw):
-    return POLICIES[policy].from_config(config, budget, B, dtype=dtype, **kw)
+    return EVICTION_POLICIES[policy].from_config(config, budget, B, dtype=dtype, **kw)
 
 
 def feed(cache, N, T=1, seed=0):
@@ -422,7 +422,7 @@ def test_the_model_and_generate_drive_every_policy_unchanged():
     from kvlib.generate import generate
 
     model = model_for()
-    for policy in POLICIES:
+    for policy in EVICTION_POLICIES:
         budget = 40 if policy == "full" else 8
         cache = make(policy, budget)
         out = generate(model, stream(N=3), 20, cache=cache)

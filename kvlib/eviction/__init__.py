@@ -6,7 +6,7 @@ undo, the attention each key receives); `kvlib.eviction.policies` holds the four
 
 from kvlib.eviction.base import POSITIONS, EvictionCache, Positions, attention_received
 from kvlib.eviction.policies import (
-    POLICIES,
+    EVICTION_POLICIES,
     FullCache,
     H2OCache,
     SinkCache,
@@ -14,7 +14,7 @@ from kvlib.eviction.policies import (
 )
 
 __all__ = [
-    "POLICIES",
+    "EVICTION_POLICIES",
     "POSITIONS",
     "EvictionCache",
     "FullCache",

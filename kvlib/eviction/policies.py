@@ -150,7 +150,7 @@ class H2OCache(EvictionCache):
         return super().nbytes_allocated + sum(s.numel() * s.element_size() for s in self.scores)
 
 
-POLICIES: dict[str, type[EvictionCache]] = {
+EVICTION_POLICIES: dict[str, type[EvictionCache]] = {
     "full": FullCache,
     "window": SlidingWindowCache,
     "sinks": SinkCache,
