@@ -24,7 +24,7 @@ import difflib
 from dataclasses import dataclass, replace
 
 from kvlib.config import ModelConfig
-from kvlib.errors import UnknownNameError
+from kvlib.errors import KVLibTypeError, UnknownNameError
 
 KiB = 2**10
 MiB = 2**20
@@ -324,7 +324,7 @@ GPUS: dict[str, GPU] = {
 
 def _lookup(kind: str, name: str, registry: dict):
     if not isinstance(name, str):
-        raise TypeError(f"a {kind} name must be a str, got {type(name).__name__}")
+        raise KVLibTypeError(f"a {kind} name must be a str, got {type(name).__name__}")
     if name in registry:
         return registry[name]
     by_lower = {k.lower(): k for k in registry}
@@ -349,7 +349,7 @@ def as_config(model: ModelConfig | str) -> ModelConfig:
     if isinstance(model, str):
         return get_model(model)
     if not isinstance(model, ModelConfig):
-        raise TypeError(f"expected a ModelConfig or a model name, got {type(model).__name__}")
+        raise KVLibTypeError(f"expected a ModelConfig or a model name, got {type(model).__name__}")
     return model
 
 
@@ -357,7 +357,7 @@ def as_gpu(gpu: GPU | str) -> GPU:
     if isinstance(gpu, str):
         return get_gpu(gpu)
     if not isinstance(gpu, GPU):
-        raise TypeError(f"expected a GPU or a GPU name, got {type(gpu).__name__}")
+        raise KVLibTypeError(f"expected a GPU or a GPU name, got {type(gpu).__name__}")
     return gpu
 
 

@@ -67,12 +67,12 @@ class Trace:
     def __post_init__(self) -> None:
         p, o = np.asarray(self.prompt_lens), np.asarray(self.output_lens)
         if p.ndim != 1 or p.shape != o.shape or p.size == 0:
-            raise ValueError(
+            raise KVLibValueError(
                 f"prompt_lens and output_lens must be non-empty 1-D arrays of equal length, "
                 f"got shapes {p.shape} and {o.shape}"
             )
         if (p < 1).any() or (o < 1).any():
-            raise ValueError("every prompt and output length must be at least 1 token")
+            raise KVLibValueError("every prompt and output length must be at least 1 token")
 
     def __len__(self) -> int:
         return len(self.prompt_lens)
@@ -90,7 +90,7 @@ def sharegpt_like_trace(
     check_int("n_requests", n_requests)
     check_int("max_len", max_len, low=2)  # a prompt and an output
     if not sigma > 0:
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
+        raise KVLibValueError(f"sigma must be positive, got {sigma!r}")
     rng = np.random.default_rng(seed)
     mu_in = math.log(SHAREGPT_MEAN_INPUT) - sigma**2 / 2
     mu_out = math.log(SHAREGPT_MEAN_OUTPUT) - sigma**2 / 2
@@ -224,7 +224,7 @@ def simulate(
     P = block_size
     n_blocks = budget // P
     if paged and n_blocks * P < max_len:
-        raise ValueError(
+        raise KVLibValueError(
             f"{n_blocks} blocks of {P} slots cannot hold one request of max_len={max_len}"
         )
     reserve = int(watermark * n_blocks)
@@ -240,7 +240,7 @@ def simulate(
     preemptions = recomputed = 0
     while waiting or running:
         if len(used) >= max_steps:
-            raise RuntimeError(f"trace not served within max_steps={max_steps}")
+            raise KVLibValueError(f"trace not served within max_steps={max_steps}")
         # 1. admit from the head of the queue while the next request fits
         while waiting:
             r = waiting[0]

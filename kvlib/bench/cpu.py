@@ -19,7 +19,7 @@ import torch
 from kvlib.bench.report import field, format_targets, machine_info, new_result, positive, versions
 from kvlib.bench.report import validate_result as validate_common
 from kvlib.bench.section import Settings, format_section, run_section
-from kvlib.errors import BenchError, check_int
+from kvlib.errors import BenchError, KVLibValueError, check_int
 from kvlib.timing import check_reps, resolve_device
 
 SCHEMA = "kvlib.bench/1"
@@ -118,13 +118,17 @@ def validate_result(data: object) -> None:
     validate_common(data, SCHEMA)
     threads = field(data, "machine.torch_threads")
     if not positive(threads):
-        raise ValueError(f"result field 'machine.torch_threads' must be >= 1, got {threads!r}")
+        raise KVLibValueError(f"result field 'machine.torch_threads' must be >= 1, got {threads!r}")
     torch_version = field(data, "versions.torch")
     if not isinstance(torch_version, str) or not torch_version:
-        raise ValueError(f"result field 'versions.torch' must be a version, got {torch_version!r}")
+        raise KVLibValueError(
+            f"result field 'versions.torch' must be a version, got {torch_version!r}"
+        )
     unknown = sorted(set(data["figures"]) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"result field 'figures' holds unknown sections {unknown}")
+        raise KVLibValueError(f"result field 'figures' holds unknown sections {unknown}")
     for t in data["targets"]:
         if not isinstance(t["value"], int | float) or t["value"] != t["value"]:
-            raise ValueError(f"target {t['figure']!r}: value must be a number, got {t['value']!r}")
+            raise KVLibValueError(
+                f"target {t['figure']!r}: value must be a number, got {t['value']!r}"
+            )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kvlib.bench import report
 from kvlib.bench.report import field, positive
+from kvlib.errors import KVLibValueError
 
 SCHEMA = "kvlib.gpu.bench/1"
 RESULTS_DIR = Path(__file__).parents[1] / "gpu" / "results"
@@ -22,11 +23,13 @@ def validate_result(data: object) -> None:
     report.validate_result(data, SCHEMA)
     name = field(data, "machine.gpu_name")
     if not isinstance(name, str) or not name:
-        raise ValueError(f"result field 'machine.gpu_name' must be the GPU's name, got {name!r}")
+        raise KVLibValueError(
+            f"result field 'machine.gpu_name' must be the GPU's name, got {name!r}"
+        )
     for key in VERSION_FIELDS:
         value = field(data, f"machine.versions.{key}")
         if not isinstance(value, str) or not value:
-            raise ValueError(
+            raise KVLibValueError(
                 f"result field 'machine.versions.{key}' must be a version string, got {value!r}"
             )
     figs = data["figures"]
@@ -41,11 +44,11 @@ def validate_result(data: object) -> None:
             for name, c in row.get("contenders", {}).items():
                 timed.append((f"figures.decode_attention.rows[{i}].{name}", c))
     if not timed:
-        raise ValueError("result field 'figures' holds none of copy, gemm, decode_attention")
+        raise KVLibValueError("result field 'figures' holds none of copy, gemm, decode_attention")
     for path, r in timed:
         if not isinstance(r, dict) or not positive(r.get("median_s")):
             got = r.get("median_s") if isinstance(r, dict) else r
-            raise ValueError(
+            raise KVLibValueError(
                 f"result field '{path}.median_s' must be positive seconds, got {got!r}"
             )
 

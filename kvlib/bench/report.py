@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kvlib.config import ModelConfig
-from kvlib.errors import BenchError
+from kvlib.errors import BenchError, KVLibValueError, MissingFileError
 
 STATUSES = ("PASS", "MISS")
 
@@ -150,7 +150,7 @@ def field(data: dict, path: str) -> object:
     node: object = data
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise ValueError(f"result field {path!r} is missing")
+            raise KVLibValueError(f"result field {path!r} is missing")
         node = node[part]
     return node
 
@@ -162,23 +162,23 @@ def validate_result(data: object, schema: str) -> None:
     dicts, each PASS or MISS).
     """
     if not isinstance(data, dict):
-        raise ValueError(f"a bench result must be a JSON object, got {type(data).__name__}")
+        raise KVLibValueError(f"a bench result must be a JSON object, got {type(data).__name__}")
     if field(data, "schema") != schema:
-        raise ValueError(f"result field 'schema' is {data['schema']!r}, expected {schema!r}")
+        raise KVLibValueError(f"result field 'schema' is {data['schema']!r}, expected {schema!r}")
     date = field(data, "date")
     try:
         _dt.datetime.fromisoformat(date)
     except (TypeError, ValueError):
-        raise ValueError(f"result field 'date' must be an ISO date, got {date!r}") from None
+        raise KVLibValueError(f"result field 'date' must be an ISO date, got {date!r}") from None
     command = field(data, "command")
     if not isinstance(command, str) or not command:
-        raise ValueError(f"result field 'command' must name what ran, got {command!r}")
+        raise KVLibValueError(f"result field 'command' must name what ran, got {command!r}")
     figs = field(data, "figures")
     if not isinstance(figs, dict) or not figs:
-        raise ValueError("result field 'figures' must be a non-empty object of measurements")
+        raise KVLibValueError("result field 'figures' must be a non-empty object of measurements")
     tlist = field(data, "targets")
     if not isinstance(tlist, list) or not all(is_target(t) for t in tlist):
-        raise ValueError("result field 'targets' must be a list of targets with PASS or MISS")
+        raise KVLibValueError("result field 'targets' must be a list of targets with PASS or MISS")
 
 
 def load_results(folder: str | Path, validate: Callable[[object], None]) -> list[dict]:
@@ -189,13 +189,13 @@ def load_results(folder: str | Path, validate: Callable[[object], None]) -> list
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no results folder {folder}")
+        raise MissingFileError(f"no results folder {folder}")
     out = []
     for path in sorted(folder.glob("*.json")):
         try:
             data = json.loads(path.read_text())
             validate(data)
         except ValueError as e:  # json.JSONDecodeError is a ValueError
-            raise ValueError(f"{path.name}: {e}") from e
+            raise KVLibValueError(f"{path.name}: {e}") from e
         out.append(data)
     return out

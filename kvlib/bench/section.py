@@ -19,6 +19,7 @@ from types import ModuleType
 import torch
 
 from kvlib.bench.report import fmt, is_target
+from kvlib.errors import KVLibTypeError
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ def run_section(module: ModuleType, quick: bool, settings: Settings) -> tuple[di
     wants_settings = "settings" in inspect.signature(module.run).parameters
     figure = module.run(quick, settings=settings) if wants_settings else module.run(quick)
     if not isinstance(figure, dict):
-        raise TypeError(f"{module.__name__}.run must return a dict, got {type(figure).__name__}")
+        raise KVLibTypeError(
+            f"{module.__name__}.run must return a dict, got {type(figure).__name__}"
+        )
     if "targets" in figure:
         targets = figure.pop("targets")
     else:

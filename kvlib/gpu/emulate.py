@@ -25,6 +25,7 @@ import torch
 
 from kvlib import paged
 from kvlib.config import check_int
+from kvlib.errors import KVLibTypeError, KVLibValueError
 
 WMMA_TILE = 16  # m16n16k16
 GEMM_BLOCK = 32  # gemm_wmma: a 32 x 32 block of C per thread block
@@ -37,9 +38,11 @@ def _np(name: str, x: Array, ndim: int) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array or torch tensor, got {type(x).__name__}")
+        raise KVLibTypeError(
+            f"{name} must be a NumPy array or torch tensor, got {type(x).__name__}"
+        )
     if x.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
+        raise KVLibValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
     return x
 
 
@@ -77,7 +80,9 @@ def wmma_gemm(a: Array, b: Array) -> np.ndarray:
     """
     a, b = _np("a", a, 2), _np("b", b, 2)
     if a.shape[1] != b.shape[0]:
-        raise ValueError(f"a {a.shape} and b {b.shape} do not chain: expected (M, R) and (R, N)")
+        raise KVLibValueError(
+            f"a {a.shape} and b {b.shape} do not chain: expected (M, R) and (R, N)"
+        )
     M, R = a.shape
     N = b.shape[1]
     pad = lambda n, m: -(-n // m) * m  # noqa: E731
@@ -109,7 +114,7 @@ def paged_attention_partials(
     Returns m, l: (B, H, T, NS) and o: (B, H, T, NS, D), all float32.
     """
     if kernel not in ("wmma", "cuda_core"):
-        raise ValueError(f"kernel must be 'wmma' or 'cuda_core', got {kernel!r}")
+        raise KVLibValueError(f"kernel must be 'wmma' or 'cuda_core', got {kernel!r}")
     q = round_fp16(_np("q", q, 4))
     kp, vp = round_fp16(_np("k_pool", k_pool, 4)), round_fp16(_np("v_pool", v_pool, 4))
     tables = _np("block_tables", block_tables, 2).astype(np.int64)
@@ -117,7 +122,7 @@ def paged_attention_partials(
     B, H, T, D = q.shape
     K, P = kp.shape[1], kp.shape[2]
     if H % K or kp.shape[3] != D or kp.shape != vp.shape:
-        raise ValueError(
+        raise KVLibValueError(
             f"q {q.shape} does not match pools {kp.shape}, {vp.shape}: expected pools of "
             f"(num_blocks, K, P, D={D}) with H={H} a multiple of K"
         )
@@ -177,7 +182,7 @@ def paged_attention_partials(
 def split_kv_reduce(part_m: np.ndarray, part_l: np.ndarray, part_o: np.ndarray) -> np.ndarray:
     """Merge partitions: sum_i e^(m_i - M) o_i / sum_i e^(m_i - M) l_i (kernel split_kv_reduce)."""
     if part_o.shape[:-1] != part_m.shape or part_l.shape != part_m.shape:
-        raise ValueError(
+        raise KVLibValueError(
             f"partials disagree: m {part_m.shape}, l {part_l.shape}, o {part_o.shape}; "
             "expected m and l of (B, H, T, NS) and o of (B, H, T, NS, D)"
         )

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kvlib.config import check_int
-from kvlib.errors import GPUUnavailableError
+from kvlib.errors import GPUUnavailableError, KVLibIndexError, KVLibTypeError, KVLibValueError
 from kvlib.gpu.nvrtc import ToolchainError, include_dirs, kernel_source
 
 GEMM_METHODS = ("naive", "tiled", "wmma")
@@ -44,13 +44,13 @@ MIN_TENSOR_CORE_CC = (7, 5)  # the book's target: sm_75 (T4) and newer
 
 def _check_tensor(name: str, x: object, ndim: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
+        raise KVLibTypeError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
     if x.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
+        raise KVLibValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(x.shape)}")
     if x.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {x.dtype} (convert with .to({dtype}))")
+        raise KVLibTypeError(f"{name} must be {dtype}, got {x.dtype} (convert with .to({dtype}))")
     if not x.is_contiguous():
-        raise ValueError(
+        raise KVLibValueError(
             f"{name} {tuple(x.shape)} is not contiguous; the kernel indexes it as dense "
             "row-major memory (call .contiguous())"
         )
@@ -76,12 +76,12 @@ def _check_devices(**tensors: torch.Tensor) -> torch.device:
     devices = {n: t.device for n, t in tensors.items()}
     for n, d in devices.items():
         if d.type != "cuda":
-            raise ValueError(
+            raise KVLibValueError(
                 f"{n} is on {d}; the CUDA kernels take tensors on a CUDA device (move them "
                 "with .cuda()), or use kvlib.gpu.emulate on the CPU"
             )
     if len(set(devices.values())) > 1:
-        raise ValueError(f"tensors are on different devices: {devices}; put them on one GPU")
+        raise KVLibValueError(f"tensors are on different devices: {devices}; put them on one GPU")
     return next(iter(devices.values()))
 
 
@@ -144,7 +144,7 @@ def _check_tensor_cores(device: torch.device) -> None:
 def gemm_plan(method: str, M: int, N: int) -> dict:
     """Kernel, grid, block and dynamic shared memory of the GEMM `method` for an (M, N) C."""
     if method not in GEMM_METHODS:
-        raise ValueError(f"method must be one of {GEMM_METHODS}, got {method!r}")
+        raise KVLibValueError(f"method must be one of {GEMM_METHODS}, got {method!r}")
     if method == "wmma":
         grid, block = (-(-N // 32), -(-M // 32)), (128,)  # 32 x 32 of C per block, 4 warps
     else:
@@ -159,11 +159,11 @@ def gemm_launches(a: torch.Tensor, b: torch.Tensor, method: str) -> tuple[torch.
     CuPy, `kvlib.gpu.host.gemm` on the CPU.
     """
     if method not in GEMM_METHODS:
-        raise ValueError(f"method must be one of {GEMM_METHODS}, got {method!r}")
+        raise KVLibValueError(f"method must be one of {GEMM_METHODS}, got {method!r}")
     _check_tensor("a", a, 2, torch.float16, "(M, R)")
     _check_tensor("b", b, 2, torch.float16, "(R, N)")
     if a.shape[1] != b.shape[0]:
-        raise ValueError(
+        raise KVLibValueError(
             f"a {tuple(a.shape)} and b {tuple(b.shape)} do not chain: expected (M, R) @ (R, N)"
         )
     M, R = a.shape
@@ -196,11 +196,11 @@ def launch_plan(method: str, B: int, H: int, K: int, T: int, D: int, num_splits:
     number of thread blocks with one partition.
     """
     if method not in ATTENTION_METHODS:
-        raise ValueError(f"method must be one of {ATTENTION_METHODS}, got {method!r}")
+        raise KVLibValueError(f"method must be one of {ATTENTION_METHODS}, got {method!r}")
     for name, n in (("B", B), ("H", H), ("K", K), ("T", T), ("D", D), ("num_splits", num_splits)):
         check_int(name, n)
     if H % K:
-        raise ValueError(f"H={H} must be a multiple of K={K}")
+        raise KVLibValueError(f"H={H} must be a multiple of K={K}")
     if method == "wmma":
         n_tiles = -(-(H // K) * T // 16)  # 16-row Tensor Core tiles of the G*T query rows
         grid, block, smem = (num_splits, K * n_tiles, B), (32,), 160 * D + 1856
@@ -233,7 +233,7 @@ def paged_decode_launches(
     CuPy runs them in `paged_decode_launcher`, `kvlib.gpu.host` on the CPU.
     """
     if method not in ATTENTION_METHODS:
-        raise ValueError(f"method must be one of {ATTENTION_METHODS}, got {method!r}")
+        raise KVLibValueError(f"method must be one of {ATTENTION_METHODS}, got {method!r}")
     check_int("num_splits", num_splits)
     _check_tensor("q", q, 4, torch.float16, "(B, H, T, D)")
     _check_tensor("k_pool", k_pool, 4, torch.float16, "(num_blocks, K, P, D)")
@@ -243,25 +243,27 @@ def paged_decode_launches(
     B, H, T, D = q.shape
     n_blocks, K, P, Dk = k_pool.shape
     if v_pool.shape != k_pool.shape:
-        raise ValueError(f"k_pool {tuple(k_pool.shape)} and v_pool {tuple(v_pool.shape)} differ")
+        raise KVLibValueError(
+            f"k_pool {tuple(k_pool.shape)} and v_pool {tuple(v_pool.shape)} differ"
+        )
     if Dk != D or H % K:
-        raise ValueError(
+        raise KVLibValueError(
             f"q has H={H}, D={D}; the pool holds K={K} kv heads of D={Dk}: expected equal D "
             "and H a multiple of K"
         )
     if block_tables.shape[0] != B or seq_lens.shape[0] != B:
-        raise ValueError(
+        raise KVLibValueError(
             f"q has B={B} rows, block_tables {tuple(block_tables.shape)} and seq_lens "
             f"{tuple(seq_lens.shape)}: expected (B, M) and (B,)"
         )
     if method == "wmma" and D % 16:
-        raise ValueError(f"the Tensor Core kernel needs D a multiple of 16, got D={D}")
+        raise KVLibValueError(f"the Tensor Core kernel needs D a multiple of 16, got D={D}")
     if D > MAX_HEAD_DIM:
-        raise ValueError(f"head dim D={D} is above the kernels' limit of {MAX_HEAD_DIM}")
+        raise KVLibValueError(f"head dim D={D} is above the kernels' limit of {MAX_HEAD_DIM}")
     lens = seq_lens.cpu()
     M = block_tables.shape[1]
     if bool((lens < T).any()) or bool((lens > M * P).any()):
-        raise ValueError(
+        raise KVLibValueError(
             f"seq_lens {lens.tolist()} must lie in [T={T}, M*P={M * P}]: each row holds its "
             "query tokens and fits its block table"
         )
@@ -269,7 +271,7 @@ def paged_decode_launches(
     needed = torch.arange(M)[None, :] * P < lens[:, None]  # (B, M)
     ids = tables[needed]
     if bool(((ids < 0) | (ids >= n_blocks)).any()):
-        raise IndexError(f"block_tables name blocks outside [0, {n_blocks}) where tokens live")
+        raise KVLibIndexError(f"block_tables name blocks outside [0, {n_blocks}) where tokens live")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     plan = launch_plan(method, B, H, K, T, D, num_splits)
     device = q.device

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from kvlib.errors import ToolchainError
+from kvlib.errors import KVLibTypeError, KVLibValueError, ToolchainError
 
 ARCHS: tuple[int, ...] = (75, 80, 89, 90)  # T4, A100, L4/RTX 40, H100
 KERNEL_FILES: tuple[str, ...] = ("gemm.cu", "paged_attention.cu")
@@ -37,7 +37,7 @@ _KERNEL_RE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(')
 def kernel_source(name: str) -> str:
     """The CUDA source of one kernel file shipped in `kvlib/kernels` (e.g. 'gemm.cu')."""
     if name not in KERNEL_FILES:
-        raise ValueError(f"unknown kernel file {name!r}; expected one of {KERNEL_FILES}")
+        raise KVLibValueError(f"unknown kernel file {name!r}; expected one of {KERNEL_FILES}")
     return resources.files("kvlib").joinpath("kernels", name).read_text()
 
 
@@ -75,9 +75,9 @@ def ptxas_path() -> Path:
 
 def _check_arch(arch: int) -> None:
     if not isinstance(arch, int) or isinstance(arch, bool):
-        raise TypeError(f"arch must be an int such as 80 (for sm_80), got {arch!r}")
+        raise KVLibTypeError(f"arch must be an int such as 80 (for sm_80), got {arch!r}")
     if arch < 75:
-        raise ValueError(f"arch {arch} is below 75: the kernels target sm_75 (T4) and newer")
+        raise KVLibValueError(f"arch {arch} is below 75: the kernels target sm_75 (T4) and newer")
 
 
 @functools.lru_cache(maxsize=64)
@@ -111,7 +111,7 @@ def ptx_entry(ptx: str, kernel: str) -> str:
     start = re.search(rf"\.entry\s+{re.escape(kernel)}\s*\(", ptx)
     if start is None:
         found = re.findall(r"\.entry\s+(\w+)", ptx)
-        raise ValueError(f"kernel {kernel!r} is not in this PTX; it has {found}")
+        raise KVLibValueError(f"kernel {kernel!r} is not in this PTX; it has {found}")
     nxt = ptx.find(".entry", start.end())
     return ptx[start.start() : nxt if nxt >= 0 else len(ptx)]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from kvlib.config import ModelConfig, check_int, dtype_bytes
-from kvlib.errors import UnknownNameError
+from kvlib.errors import KVLibTypeError, KVLibValueError, UnknownNameError
 from kvlib.memory import GPU, get_gpu, get_model
 
 # Datasheet peak fp32 FLOP/s of the CUDA cores (no Tensor Cores), dense, per GPU of
@@ -72,7 +72,7 @@ def model_attention_intensity(
     """`decode_attention_intensity` with the G and D of a model (a ModelConfig or a name)."""
     config = get_model(model) if isinstance(model, str) else model
     if not isinstance(config, ModelConfig):
-        raise TypeError(f"model must be a ModelConfig or a name, got {type(model).__name__}")
+        raise KVLibTypeError(f"model must be a ModelConfig or a name, got {type(model).__name__}")
     return decode_attention_intensity(config.group_size, S, config.head_dim, T, dtype)
 
 
@@ -87,7 +87,7 @@ def _gpu(gpu: GPU | str) -> GPU:
     if isinstance(gpu, str):
         return get_gpu(gpu)
     if not isinstance(gpu, GPU):
-        raise TypeError(f"expected a kvlib.memory.GPU or a GPU name, got {type(gpu).__name__}")
+        raise KVLibTypeError(f"expected a kvlib.memory.GPU or a GPU name, got {type(gpu).__name__}")
     return gpu
 
 
@@ -109,7 +109,7 @@ def cuda_core_ridge_point(gpu: GPU | str) -> float:
 def attainable_flops(intensity: float, gpu: GPU | str) -> float:
     """The roofline: min(peak FLOP/s, intensity * bandwidth)."""
     if not intensity > 0:
-        raise ValueError(f"intensity must be a positive FLOP/byte, got {intensity!r}")
+        raise KVLibValueError(f"intensity must be a positive FLOP/byte, got {intensity!r}")
     g = _gpu(gpu)
     return min(g.peak_flops, intensity * g.bandwidth)
 
