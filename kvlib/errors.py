@@ -14,6 +14,7 @@
     ├── KVLibIndexError (IndexError)    an index out of range (a layer, a token position)
     ├── MissingFileError (FileNotFoundError)  a file kvlib needs is not there
     ├── UnknownNameError (KeyError)     a model or GPU name that is not registered
+    ├── NotFinishedError (RuntimeError)  a run stopped at its step limit before finishing
     ├── GPUUnavailableError (RuntimeError)  no CUDA GPU or no CuPy
     └── ToolchainError (RuntimeError)   the CUDA compiler wheels are missing or a compile failed
 
@@ -89,6 +90,10 @@ class UnknownNameError(KVLibError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0])
+
+
+class NotFinishedError(KVLibError, RuntimeError):
+    """A run stopped at its step limit before it finished (a simulation, a trace)."""
 
 
 class GPUUnavailableError(KVLibError, RuntimeError):

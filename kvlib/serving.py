@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvlib.errors import KVLibValueError, OutOfBlocksError, check_int
+from kvlib.errors import KVLibValueError, NotFinishedError, OutOfBlocksError, check_int
 
 SHAREGPT_MEAN_INPUT = 161.31  # Kwon et al. 2023, Fig. 11(a), input length, mean (tokens)
 SHAREGPT_MEAN_OUTPUT = 337.99  # Kwon et al. 2023, Fig. 11(a), output length, mean (tokens)
@@ -240,7 +240,7 @@ def simulate(
     preemptions = recomputed = 0
     while waiting or running:
         if len(used) >= max_steps:
-            raise KVLibValueError(f"trace not served within max_steps={max_steps}")
+            raise NotFinishedError(f"trace not served within max_steps={max_steps}")
         # 1. admit from the head of the queue while the next request fits
         while waiting:
             r = waiting[0]
