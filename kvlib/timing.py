@@ -2,7 +2,8 @@
 
 `python -m kvlib.bench` (CPU) and `python -m kvlib.bench --gpu` (`kvlib.gpu.bench`) time their
 contenders the same way: each one warmed up, then the contenders take turns (`interleaved`), and
-the median counts, so a busy machine slows them all alike. Each figure is checked against a
+the median counts, so a busy machine slows them all alike; `compare` is that in one call (name ->
+median seconds), what the chapters' timing cells use. Each figure is checked against a
 target (`target`), printed PASS or MISS by `format_targets`; `machine_info` and `versions` record
 where and with what a run happened.
 """
@@ -93,6 +94,20 @@ def median(xs: Iterable[float]) -> float:
     if not xs:
         raise BenchError("median of no timings")
     return statistics.median(xs)
+
+
+def compare(
+    fns: dict[str, Callable[[], object]],
+    reps: int = 5,
+    device: torch.device | str = "cpu",
+    warmup: int = 1,
+    timer: Callable[[Callable[[], object], torch.device | str], float] = time_call,
+) -> dict[str, float]:
+    """name -> median seconds of one call, the contenders taking turns (`interleaved`).
+
+    The one-line timing a notebook cell needs: `compare({"cached": f, "uncached": g}, reps=5)`.
+    """
+    return {name: median(ts) for name, ts in interleaved(fns, reps, device, warmup, timer).items()}
 
 
 def target(figure: str, metric: str, value: float, op: str, bound: float, note: str = "") -> dict:
