@@ -197,7 +197,7 @@ def figure_problems(
 def check_figure(
     fig: Figure, width_in: float = BOOK_WIDTH_IN, min_pt: float = MIN_PT, tight: bool = True
 ) -> None:
-    """KVLibValueError listing every problem `figure_problems` finds; nothing when fig reads well."""
+    """KVLibValueError listing every problem `figure_problems` finds; None if it reads well."""
     problems = figure_problems(fig, width_in, min_pt, tight)
     if problems:
         raise KVLibValueError(
