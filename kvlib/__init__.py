@@ -7,7 +7,7 @@ Layers, lowest first. A module imports kvlib modules of lower layers only (tests
 checks every import, those inside functions too, so there is no cycle and no upward import):
 
     0  errors
-    1  config  data  metrics  notebook  paged_kernel  plots  timing  gpu  gpu.nvrtc
+    1  config  data  figures  metrics  notebook  paged_kernel  plots  timing  gpu  gpu.nvrtc
     2  attention  rope  registry  flops  serving  gpu.kernels
     3  cache  memory  gpu.host
     4  paged  quant  eviction.base  gpu.roofline

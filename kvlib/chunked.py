@@ -26,18 +26,20 @@ Query token t sits at slot S - T + t (bottom-right causal alignment, as in kvlib
 Scores, the running statistics and the accumulator are fp32 or wider (fp64 stays fp64); the
 output is cast back to the input dtype.
 
-`allocation_profile` measures what a call allocates (peak live bytes, largest single tensor)
-from the allocator events torch.profiler records, on CPU as on CUDA.
+`allocation_profile` measures what a call allocates (peak live bytes, largest single tensor),
+tensor by tensor, from the torch functions it calls (a public `TorchFunctionMode`), on CPU as
+on CUDA.
 """
 
 from __future__ import annotations
 
 import math
-import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from kvlib.attention import _acc_dtype, _check_mask, _check_qkv
 from kvlib.cache import KVCacheError
@@ -197,11 +199,11 @@ def chunked_prefill(
 
 @dataclass(frozen=True)
 class AllocationProfile:
-    """What one call allocated on one device type, from the allocator's own events.
+    """What one call allocated on one device type, counted tensor by tensor.
 
     peak_bytes      the most bytes, allocated during the call, that were alive at one moment
     largest_bytes   the largest single allocation
-    largest_op      the torch operator that made it (e.g. 'aten::bmm')
+    largest_op      the torch function that made it (e.g. 'matmul', 'softmax', 'zeros')
     n_allocations   how many allocations the call made
     """
 
@@ -211,51 +213,91 @@ class AllocationProfile:
     n_allocations: int
 
 
+def _tensors(x) -> list[torch.Tensor]:
+    """The tensors in x: a tensor, or tuples, lists and dict values of them, nested."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for item in x for t in _tensors(item)]
+    if isinstance(x, dict):
+        return [t for item in x.values() for t in _tensors(item)]
+    return []
+
+
+class _AllocationCounter(TorchFunctionMode):
+    """Sees every torch function called inside it (torch.*, F.*, tensor methods and operators,
+    factories such as torch.zeros) and counts the memory of the tensors they return.
+
+    A returned tensor whose storage is new (not the storage of an argument, nor one already
+    counted) is an allocation of its storage's bytes; the storage is freed when the last tensor
+    returned on it is garbage collected (a weakref finalizer on each such tensor). A view of a
+    counted storage keeps it alive, a view of an argument or an in-place result allocates
+    nothing. Temporaries that a single torch function makes and frees inside itself are not
+    seen: the count is of the tensors the Python code creates, which is what the shapes of the
+    code predict.
+    """
+
+    def __init__(self, device_type: str):
+        super().__init__()
+        self.device_type = device_type
+        self.refs: dict[int, int] = {}  # storage address -> returned tensors alive on it
+        self.sizes: dict[int, int] = {}  # storage address -> bytes
+        self.finalizers: list[weakref.finalize] = []
+        self.live = self.peak = self.largest = self.n = 0
+        self.largest_op = ""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs or {}))}
+        for t in _tensors(out):
+            if t.device.type != self.device_type:
+                continue
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or (ptr in inputs and ptr not in self.refs):
+                continue  # nothing allocated, or a view / in-place result of an older tensor
+            if ptr not in self.refs:  # new memory
+                self.refs[ptr], self.sizes[ptr] = 0, nbytes
+                self.live += nbytes
+                self.n += 1
+                self.peak = max(self.peak, self.live)
+                if nbytes > self.largest:
+                    self.largest, self.largest_op = nbytes, getattr(func, "__name__", str(func))
+            self.refs[ptr] += 1
+            self.finalizers.append(weakref.finalize(t, self._release, ptr))
+        return out
+
+    def _release(self, ptr: int) -> None:
+        self.refs[ptr] -= 1
+        if self.refs[ptr] == 0:
+            del self.refs[ptr]
+            self.live -= self.sizes.pop(ptr)
+
+    def stop(self) -> None:
+        for f in self.finalizers:  # tensors that outlive the call are not followed further
+            f.detach()
+
+
 def allocation_profile(
     fn: Callable[[], object], device: torch.device | str = "cpu"
 ) -> AllocationProfile:
-    """Run `fn()` under torch.profiler(profile_memory=True) and replay its allocator events.
+    """Run `fn()` and count the memory of every tensor it creates on `device`'s type.
 
-    Every allocation and free on `device`'s type is recorded with its size and address; summing
-    them in time order gives the bytes alive after each event, whose maximum is the peak. Only
-    memory allocated inside `fn` counts (weights and caches made before it are excluded; a
-    cache written in place allocates nothing). The CUDA caching allocator reports the same
-    events, so on a GPU this agrees with torch.cuda.max_memory_allocated minus the start.
+    A `torch.overrides.TorchFunctionMode` sees each torch function `fn` calls and the tensors
+    it returns; each new storage is an allocation, freed when its last tensor is collected.
+    Replaying them in order gives the bytes alive at each moment, whose maximum is the peak.
+    Only memory allocated inside `fn` counts (weights and caches made before it are excluded;
+    a cache written in place allocates nothing), and so do only the tensors the Python code
+    creates: workspace a single torch function uses internally (a BLAS buffer, a fused
+    kernel's scratch) is not seen. On a GPU, `torch.cuda.max_memory_allocated` gives the
+    allocator's own peak, which includes that workspace.
     """
     if not callable(fn):
         raise TypeError(f"fn must be a callable taking no arguments, got {type(fn).__name__}")
-    device_type = torch.device(device).type
-    # Kineto prints "profiler_start/stop" lines to stderr on every run unless its log level is
-    # raised; 6 silences them (a level the user has set is kept).
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device_type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        fn()
-    allocation = torch._C._profiler._EventType.Allocation
-    events = []  # (time, size, ptr, op that allocated)
-    stack = [(e, None) for e in prof.profiler.kineto_results.experimental_event_tree()]
-    while stack:
-        event, parent = stack.pop()
-        if event.tag == allocation:
-            f = event.extra_fields
-            if f.device.type == device_type:
-                op = parent.name if parent is not None else "(outside any operator)"
-                events.append((event.start_time_ns, f.alloc_size, f.ptr, op))
-        stack.extend((child, event) for child in event.children)
-    events.sort(key=lambda e: e[0])
-    alive: dict[int, int] = {}  # ptr -> bytes, for blocks allocated inside fn
-    live = peak = largest = n = 0
-    largest_op = ""
-    for _, size, ptr, op in events:
-        if size > 0:
-            alive[ptr] = size
-            live += size
-            n += 1
-            if size > largest:
-                largest, largest_op = size, op
-        elif ptr in alive:  # frees of blocks allocated before fn are not counted
-            live -= alive.pop(ptr)
-        peak = max(peak, live)
-    return AllocationProfile(peak, largest, largest_op, n)
+    counter = _AllocationCounter(torch.device(device).type)
+    try:
+        with counter:
+            fn()
+    finally:
+        counter.stop()
+    return AllocationProfile(counter.peak, counter.largest, counter.largest_op, counter.n)

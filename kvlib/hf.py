@@ -16,8 +16,9 @@ a renaming; no tensor is permuted or reshaped:
     model.norm.weight                            (C,)      -> norm.weight
     lm_head.weight                               (V, C)    -> output.weight (absent when tied)
 
-This module never imports `transformers`: a model is read through `.config` and
-`.state_dict()` only, so kvlib works without it installed.
+Loading never imports `transformers`: a model is read through `.config` and `.state_dict()`
+only, so kvlib works without it installed. The other direction, `hf_config(config)`, builds a
+`transformers.LlamaConfig` from a kvlib `ModelConfig` (and imports transformers to do it).
 """
 
 from __future__ import annotations
@@ -96,6 +97,36 @@ def config_from_hf(hf_config) -> ModelConfig:
         tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         name=str(getattr(hf_config, "name_or_path", "") or "hf-llama"),
     )
+
+
+def hf_fields(config: ModelConfig) -> dict:
+    """The `transformers.LlamaConfig` fields of a kvlib `ModelConfig`: the inverse of
+    `config_from_hf` (same shapes, RoPE base, norm epsilon and embedding tying)."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
+    return dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        intermediate_size=config.ffn_dim,
+        max_position_embeddings=config.max_seq_len,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings,
+    )
+
+
+def hf_config(config: ModelConfig, **overrides):
+    """A `transformers.LlamaConfig` with the shapes of a kvlib `ModelConfig` (imports
+    transformers, which must be installed). No bos/eos token ids (kvlib's models have none);
+    `overrides` are passed on, e.g. `attn_implementation="eager"`."""
+    import transformers
+
+    fields = hf_fields(config) | {"bos_token_id": None, "eos_token_id": None} | overrides
+    return transformers.LlamaConfig(**fields)
 
 
 def convert_state_dict(

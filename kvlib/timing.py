@@ -2,7 +2,8 @@
 
 `python -m kvlib.bench` (CPU) and `python -m kvlib.bench --gpu` time their contenders the same
 way: each one warmed up, then the contenders take turns (`interleaved`), and the median counts,
-so a busy machine slows them all alike. `copy_bandwidth` measures the memory bandwidth a copy
+so a busy machine slows them all alike; `compare` is that in one call (name -> median seconds),
+what the chapters' timing cells use. `copy_bandwidth` measures the memory bandwidth a copy
 sees, the yardstick of every bandwidth figure. What a result reports (targets, machine,
 versions) is `kvlib.bench.report`.
 """
@@ -89,6 +90,20 @@ def median(xs: Iterable[float]) -> float:
     if not xs:
         raise BenchError("median of no timings")
     return statistics.median(xs)
+
+
+def compare(
+    fns: dict[str, Callable[[], object]],
+    reps: int = 5,
+    device: torch.device | str = "cpu",
+    warmup: int = 1,
+    timer: Callable[[Callable[[], object], torch.device | str], float] = time_call,
+) -> dict[str, float]:
+    """name -> median seconds of one call, the contenders taking turns (`interleaved`).
+
+    The one-line timing a notebook cell needs: `compare({"cached": f, "uncached": g}, reps=5)`.
+    """
+    return {name: median(ts) for name, ts in interleaved(fns, reps, device, warmup, timer).items()}
 
 
 def copy_bandwidth(

@@ -292,10 +292,38 @@ def test_allocation_profile_sees_known_allocations():
 
     prof = allocation_profile(fn)
     assert prof.largest_bytes == 24000, prof
-    assert prof.largest_op == "aten::empty", prof
+    assert prof.largest_op == "empty", prof
     assert prof.peak_bytes == 28000, f"peak {prof.peak_bytes}, expected 4000 + 24000"
     with pytest.raises(TypeError, match="callable"):
         allocation_profile(42)
+
+
+def test_allocation_profile_views_and_in_place_results_allocate_nothing():
+    x = torch.ones(100)  # made before the call: never counted
+
+    def fn():
+        y = x.view(10, 10)  # a view of an older tensor
+        x.add_(1)  # in place
+        z = x * 2  # 400 bytes
+        w = z[:5]  # a view keeps z's 400 bytes alive after `del z`
+        del z
+        u = torch.empty(50, dtype=torch.float32)  # 200 bytes, while z's storage lives
+        del w
+        v = torch.empty(300, dtype=torch.float32)  # 1200 bytes after z's storage is freed
+        return y, u, v
+
+    prof = allocation_profile(fn)
+    assert prof.n_allocations == 3, prof
+    assert prof.peak_bytes == 200 + 1200, f"peak {prof.peak_bytes}, expected 200 + 1200"
+    assert (prof.largest_bytes, prof.largest_op) == (1200, "empty"), prof
+
+
+def test_allocation_profile_of_attention_counts_its_score_sized_tensors():
+    q, k, v = qkv(B=1, H=4, K=2, T=32, S=32, D=8, dtype=torch.float32)
+    prof = allocation_profile(lambda: attention(q, k, v, causal_mask(32, 32)[None, None]))
+    scores = 4 * 32 * 32 * 4  # (B, H, T, S) fp32
+    assert prof.largest_bytes == scores, f"{prof}, expected the {scores}-byte scores"
+    assert scores * 2 <= prof.peak_bytes, f"{prof}: scores and weights are alive together"
 
 
 def test_chunked_prefill_shrinks_the_measured_scores_by_the_chunk_ratio():

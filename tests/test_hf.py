@@ -6,7 +6,14 @@ import torch
 from kvlib.cache import KVCache
 from kvlib.config import ModelConfig
 from kvlib.generate import generate
-from kvlib.hf import WeightLoadError, config_from_hf, convert_state_dict, from_hf_llama
+from kvlib.hf import (
+    WeightLoadError,
+    config_from_hf,
+    convert_state_dict,
+    from_hf_llama,
+    hf_config,
+    hf_fields,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -231,3 +238,56 @@ def test_config_from_a_dict_equals_config_from_the_object():
     assert config_from_hf(hf_config.to_dict()).vocab_size == hf_config.vocab_size == 96
     with pytest.raises(ValueError, match=r"lacks \['hidden_size'\]"):
         config_from_hf({k: v for k, v in hf_config.to_dict().items() if k != "hidden_size"})
+
+
+HF_CASES = [
+    ModelConfig(vocab_size=50, dim=24, n_layers=1, n_heads=6, n_kv_heads=3, max_seq_len=32),
+    ModelConfig(
+        vocab_size=96,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=16,  # not dim // n_heads
+        ffn_dim=40,
+        max_seq_len=64,
+        rope_theta=500.0,
+        norm_eps=1e-6,
+        tie_embeddings=True,
+    ),
+]
+
+
+@pytest.mark.parametrize("config", HF_CASES)
+def test_hf_config_roundtrips_through_config_from_hf(config):
+    back = config_from_hf(hf_config(config))
+    assert back.replace(name="") == config.replace(name=""), f"{back} != {config}"
+
+
+@pytest.mark.parametrize("config", HF_CASES)
+def test_hf_config_equals_the_bench_conversion(config):
+    from kvlib import bench
+
+    ours = hf_config(config).to_dict()
+    theirs = transformers.LlamaConfig(
+        **bench.hf_fields(config), bos_token_id=None, eos_token_id=None
+    ).to_dict()
+    assert ours == theirs, {k: (ours.get(k), theirs.get(k)) for k in ours if ours[k] != theirs[k]}
+    assert hf_fields(config) == bench.hf_fields(config)
+
+
+def test_a_model_from_hf_config_loads_into_kvlib_with_the_same_logits():
+    config = HF_CASES[1]
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_config(config, attn_implementation="eager")).eval()
+    ours = from_hf_llama(model)
+    assert ours.config.replace(name="") == config.replace(name="")
+    tokens = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        diff = (model(tokens).logits - ours(tokens)).abs().max().item()
+    assert diff < ATOL, f"max logit difference {diff:.3e}"
+
+
+def test_hf_config_needs_a_kvlib_config():
+    with pytest.raises(TypeError, match="config must be a kvlib ModelConfig, got dict"):
+        hf_config({"vocab_size": 3})

@@ -1,0 +1,110 @@
+"""Chapter titles agree everywhere a reader meets them, and no chapter numbers its sections.
+
+A chapter's title is the H1 of its notebook, "# N. Title", where N is its place among the
+chapters of _toc.yml. The sidebar shows that H1 (the table of contents gives no other title),
+and the intro's table of chapters links each chapter under the same "N. Title", in the same
+order. Sections (## and deeper) carry no numbers, in every chapter alike.
+"""
+
+import json
+import re
+
+import pytest
+import yaml
+
+from tests.toc import ROOT, notebooks
+
+NOTEBOOKS = notebooks()
+H1 = re.compile(r"^# (\d+)\. (\S.*)$")
+NUMBERED_SECTION = re.compile(r"^#{2,6} +\d+(\.\d+)*\.? ")
+INTRO_LINK = re.compile(r"\[([^\]]+)\]\(\.\./notebooks/(\d\d_\w+)\.ipynb\)")
+
+
+def _markdown_lines(path):
+    nb = json.loads(path.read_text())
+    for index, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "markdown":
+            continue
+        in_code = False
+        for line in "".join(cell["source"]).splitlines():
+            if line.lstrip().startswith(("```", "~~~")):
+                in_code = not in_code
+            elif not in_code:
+                yield index, line
+
+
+def h1(path) -> str:
+    """The notebook's one H1 line."""
+    titles = [line for _, line in _markdown_lines(path) if line.startswith("# ")]
+    assert len(titles) == 1, f"{path.name} has {len(titles)} H1 titles: {titles}"
+    return titles[0]
+
+
+def _chapter_entries(entries):
+    for entry in entries:
+        yield entry
+        for key in ("chapters", "sections"):
+            yield from _chapter_entries(entry.get(key, []))
+        for part in entry.get("parts", []):
+            yield from _chapter_entries(part.get("chapters", []))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_title_is_numbered_by_its_place_in_the_toc(path):
+    m = H1.match(h1(path))
+    assert m, f"{path.name}: the title {h1(path)!r} is not '# N. Title'"
+    place = NOTEBOOKS.index(path) + 1
+    assert int(m.group(1)) == place, f"{path.name} is chapter {place} in _toc.yml, titled {m[0]!r}"
+    assert path.stem.startswith(f"{place:02d}_"), f"{path.name} is chapter {place} in _toc.yml"
+
+
+def test_the_sidebar_shows_the_notebook_titles():
+    # Jupyter Book labels a sidebar entry with the document's H1 unless _toc.yml gives a title.
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    overridden = [e["file"] for e in _chapter_entries([toc]) if "title" in e and "file" in e]
+    assert not overridden, f"_toc.yml gives titles of its own to {overridden}; use the H1"
+
+
+def test_the_intro_lists_every_chapter_by_its_title_in_order():
+    links = INTRO_LINK.findall((ROOT / "book" / "intro.md").read_text())
+    listed = [(text, f"notebooks/{stem}") for text, stem in links]
+    expected = [(h1(p).removeprefix("# "), f"notebooks/{p.stem}") for p in NOTEBOOKS]
+    assert listed == expected, (
+        "the intro's chapter list differs from the chapters' titles:\n"
+        + "\n".join(f"  intro {a!r:60} title {b!r}" for a, b in zip(listed, expected, strict=False))
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_chapter_numbers_its_sections(path):
+    numbered = [
+        f"cell {i}: {line}" for i, line in _markdown_lines(path) if NUMBERED_SECTION.match(line)
+    ]
+    assert not numbered, f"{path.name} numbers its sections (no chapter does):\n" + "\n".join(
+        numbered
+    )
+
+
+def test_exercises_are_numbered_per_chapter():
+    # _ext/exercise_numbers.py restarts each document's exercise numbers at 1, in page order.
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("numbers", ROOT / "_ext" / "exercise_numbers.py")
+    numbers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(numbers)
+    env = SimpleNamespace(
+        toc_fignumbers={
+            "notebooks/01": {"exercise": {"ex-01-a": (1,), "ex-01-b": (2,)}, "figure": {"f": (1,)}},
+            "notebooks/05": {"exercise": {"ex-05-b": (13,), "ex-05-a": (12,)}},
+            "book/intro": {},
+        }
+    )
+    assert numbers.renumber(None, env) == []
+    assert env.toc_fignumbers["notebooks/01"] == {
+        "exercise": {"ex-01-a": (1,), "ex-01-b": (2,)},
+        "figure": {"f": (1,)},
+    }
+    assert env.toc_fignumbers["notebooks/05"]["exercise"] == {"ex-05-a": (1,), "ex-05-b": (2,)}
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert "exercise_numbers" in config["sphinx"]["local_extensions"], "extension not loaded"
