@@ -96,13 +96,11 @@ def test_hf_comparison_checks_identical_tokens():
     assert [t["value"] for t in ts] == list(out["speedup"].values())
 
 
-def test_hf_fields_carry_the_kvlib_config_shapes():
-    config = tiny()
-    fields = huggingface.hf_fields(config)
-    assert fields["hidden_size"] == config.dim and fields["head_dim"] == config.head_dim
-    assert fields["num_key_value_heads"] == config.n_kv_heads
-    assert fields["intermediate_size"] == config.ffn_dim
-    assert huggingface.HF_CONFIGS["125m"]["num_hidden_layers"] == 12
+def test_the_hf_section_builds_both_models_from_one_kvlib_config():
+    assert huggingface.HF_CONFIGS["125m"].n_layers == 12
+    model = huggingface._hf_llama(tiny(), seed=0, attn_implementation="eager")
+    assert model.config.hidden_size == tiny().dim and model.config.head_dim == tiny().head_dim
+    assert model.config.num_key_value_heads == tiny().n_kv_heads
 
 
 def test_paged_paths_agree_with_contiguous_attention():

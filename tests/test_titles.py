@@ -83,28 +83,3 @@ def test_no_chapter_numbers_its_sections(path):
     assert not numbered, f"{path.name} numbers its sections (no chapter does):\n" + "\n".join(
         numbered
     )
-
-
-def test_exercises_are_numbered_per_chapter():
-    # _ext/exercise_numbers.py restarts each document's exercise numbers at 1, in page order.
-    import importlib.util
-    from types import SimpleNamespace
-
-    spec = importlib.util.spec_from_file_location("numbers", ROOT / "_ext" / "exercise_numbers.py")
-    numbers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(numbers)
-    env = SimpleNamespace(
-        toc_fignumbers={
-            "notebooks/01": {"exercise": {"ex-01-a": (1,), "ex-01-b": (2,)}, "figure": {"f": (1,)}},
-            "notebooks/05": {"exercise": {"ex-05-b": (13,), "ex-05-a": (12,)}},
-            "book/intro": {},
-        }
-    )
-    assert numbers.renumber(None, env) == []
-    assert env.toc_fignumbers["notebooks/01"] == {
-        "exercise": {"ex-01-a": (1,), "ex-01-b": (2,)},
-        "figure": {"f": (1,)},
-    }
-    assert env.toc_fignumbers["notebooks/05"]["exercise"] == {"ex-05-a": (1,), "ex-05-b": (2,)}
-    config = yaml.safe_load((ROOT / "_config.yml").read_text())
-    assert "exercise_numbers" in config["sphinx"]["local_extensions"], "extension not loaded"

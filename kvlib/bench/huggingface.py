@@ -4,7 +4,7 @@ The weights are copied with `kvlib.hf.from_hf_llama`, so both generate the same 
 HF runs with its default attention and with the other of sdpa / eager. Target: kvlib at least
 as fast as HF on a 125M-class model, where the model's own work dominates; on kvlib's tiny
 preset the figure is printed without a target (per-step Python overhead decides it there).
-`hf_fields` builds the `transformers.LlamaConfig` fields from a kvlib `ModelConfig`.
+Both models are built from one kvlib `ModelConfig` (`kvlib.hf.hf_config`).
 """
 
 from __future__ import annotations
@@ -19,41 +19,24 @@ from kvlib.bench.section import Settings
 from kvlib.config import ModelConfig, tiny
 from kvlib.errors import BenchError
 from kvlib.generate import generate
+from kvlib.hf import hf_config, hf_fields
 from kvlib.timing import interleaved, median
 
 SPEEDUP_TARGETS = {"125m": 1.0}  # config name -> kvlib speedup over each HF attention
 PROMPT_LEN = 16
 
 
-def hf_fields(config: ModelConfig) -> dict:
-    """The `transformers.LlamaConfig` fields of a kvlib `ModelConfig` (same shapes)."""
-    return dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.dim,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        head_dim=config.head_dim,
-        intermediate_size=config.ffn_dim,
-        max_position_embeddings=config.max_seq_len,
-        rope_theta=config.rope_theta,
-        rms_norm_eps=config.norm_eps,
-        tie_word_embeddings=config.tie_embeddings,
-    )
-
-
-HF_CONFIGS: dict[str, dict] = {
-    "tiny": hf_fields(tiny()),  # per-step overhead dominates: the decode loop is measured
-    "125m": hf_fields(model_125m()),  # matmuls dominate
+HF_CONFIGS: dict[str, ModelConfig] = {
+    "tiny": tiny(),  # per-step overhead dominates: the decode loop is measured
+    "125m": model_125m(),  # matmuls dominate
 }
 
 
-def _hf_llama(fields: dict, seed: int, attn_implementation: str | None):
+def _hf_llama(config: ModelConfig, seed: int, attn_implementation: str | None):
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(**fields, bos_token_id=None, eos_token_id=None)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = transformers.LlamaForCausalLM(hf_config(config)).eval()
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
     model.generation_config.eos_token_id = None
@@ -76,20 +59,20 @@ def bench_hf(
         import transformers
     except ImportError:
         return {"skipped": "transformers is not installed"}
-    fields = HF_CONFIGS[config_name]
-    hf_default = _hf_llama(fields, seed=0, attn_implementation=None).to(device)
+    config = HF_CONFIGS[config_name]
+    hf_default = _hf_llama(config, seed=0, attn_implementation=None).to(device)
     default_impl = hf_default.config._attn_implementation
     impls = {f"hf_{default_impl}": hf_default}
     for other in ("sdpa", "eager"):
         if other != default_impl:
-            m = _hf_llama(fields, seed=0, attn_implementation=other).to(device)
+            m = _hf_llama(config, seed=0, attn_implementation=other).to(device)
             m.load_state_dict(hf_default.state_dict())
             impls[f"hf_{other}"] = m
     from kvlib.hf import from_hf_llama
 
     model = from_hf_llama(hf_default)  # the same weights, on the same device
     torch.manual_seed(1)
-    prompt = torch.randint(0, fields["vocab_size"], (1, prompt_len), device=device)  # (B, T)
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_len), device=device)  # (B, T)
     outputs: dict[str, torch.Tensor] = {}
 
     def kv() -> None:
@@ -121,7 +104,7 @@ def bench_hf(
         progress()
     return {
         "config": config_name,
-        "hf_config": fields,
+        "hf_config": hf_fields(config),
         "n_params": model.config.n_params,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
