@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from kvlib.attention import _acc_dtype, _check_mask, _check_qkv
 from kvlib.cache import KVCacheError
-from kvlib.config import check_int
+from kvlib.errors import KVLibTypeError, KVLibValueError, check_bool, check_int
 from kvlib.transformer import Transformer, check_tokens, left_padding
 
 # ---- online-softmax attention ------------------------------------------------------------------
@@ -72,8 +72,7 @@ def online_softmax_attention(
     """
     _check_qkv(q, k, v)
     check_int("block_size", block_size)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    check_bool("causal", causal)
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K
@@ -131,8 +130,7 @@ def online_softmax_attention(
 
 def chunk_bounds(n_tokens: int, chunk_size: int) -> list[tuple[int, int]]:
     """[(start, end), ...] covering [0, n_tokens) in chunks of `chunk_size` (last may be short)."""
-    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 0:
-        raise ValueError(f"n_tokens must be a non-negative int, got {n_tokens!r}")
+    check_int("n_tokens", n_tokens, low=0)
     check_int("chunk_size", chunk_size)
     return [(i, min(i + chunk_size, n_tokens)) for i in range(0, n_tokens, chunk_size)]
 
@@ -158,7 +156,7 @@ def chunked_prefill(
     back to its state before the call, so a failed call leaves the cache as it was.
     """
     if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
+        raise KVLibTypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
     check_tokens(tokens, model.config.vocab_size)
     check_int("chunk_size", chunk_size)
     B, T = tokens.shape
@@ -166,7 +164,7 @@ def chunked_prefill(
     n_pad = None
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
-            raise ValueError(
+            raise KVLibValueError(
                 f"attention_mask must have the shape of tokens {(B, T)}, "
                 f"got {tuple(getattr(attention_mask, 'shape', ()))}"
             )
@@ -293,7 +291,7 @@ def allocation_profile(
     allocator's own peak, which includes that workspace.
     """
     if not callable(fn):
-        raise TypeError(f"fn must be a callable taking no arguments, got {type(fn).__name__}")
+        raise KVLibTypeError(f"fn must be a callable taking no arguments, got {type(fn).__name__}")
     counter = _AllocationCounter(torch.device(device).type)
     try:
         with counter:

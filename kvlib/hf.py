@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import torch
 
 from kvlib.config import ModelConfig
-from kvlib.errors import WeightLoadError
+from kvlib.errors import KVLibTypeError, KVLibValueError, WeightLoadError
 from kvlib.transformer import Transformer, check_state_dict
 
 # The fields of a Hugging Face Llama config that a kvlib ModelConfig needs.
@@ -64,21 +64,25 @@ def config_from_hf(hf_config) -> ModelConfig:
         hf_config = SimpleNamespace(**hf_config)
     model_type = getattr(hf_config, "model_type", "llama")
     if model_type != "llama":
-        raise ValueError(f"only Llama-architecture configs load, got model_type={model_type!r}")
+        raise KVLibValueError(
+            f"only Llama-architecture configs load, got model_type={model_type!r}"
+        )
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"kvlib's MLP is SwiGLU (silu); this config uses hidden_act={act!r}")
+        raise KVLibValueError(f"kvlib's MLP is SwiGLU (silu); this config uses hidden_act={act!r}")
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(hf_config, flag, False):
-            raise ValueError(f"kvlib layers have no biases; this config sets {flag}=True")
+            raise KVLibValueError(f"kvlib layers have no biases; this config sets {flag}=True")
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
     legacy = getattr(hf_config, "rope_scaling", None)  # transformers 4.x
     rope_type = rope.get("rope_type", (legacy or {}).get("rope_type", "default"))
     if rope_type != "default":
-        raise ValueError(f"only plain RoPE is supported, this config uses rope_type={rope_type!r}")
+        raise KVLibValueError(
+            f"only plain RoPE is supported, this config uses rope_type={rope_type!r}"
+        )
     missing = [name for name in _HF_REQUIRED if not hasattr(hf_config, name)]
     if missing:
-        raise ValueError(
+        raise KVLibValueError(
             f"a Llama config needs the fields {list(_HF_REQUIRED)}; "
             f"{type(hf_config).__name__} lacks {missing}"
         )
@@ -103,7 +107,7 @@ def hf_fields(config: ModelConfig) -> dict:
     """The `transformers.LlamaConfig` fields of a kvlib `ModelConfig`: the inverse of
     `config_from_hf` (same shapes, RoPE base, norm epsilon and embedding tying)."""
     if not isinstance(config, ModelConfig):
-        raise TypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
+        raise KVLibTypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
     return dict(
         vocab_size=config.vocab_size,
         hidden_size=config.dim,
@@ -166,18 +170,18 @@ def from_hf_llama(model_or_state_dict, config: ModelConfig | None = None) -> Tra
     """
     if isinstance(model_or_state_dict, Mapping):
         if config is None:
-            raise ValueError("a raw state dict needs config= (a kvlib ModelConfig)")
+            raise KVLibValueError("a raw state dict needs config= (a kvlib ModelConfig)")
         state_dict = model_or_state_dict
     elif hasattr(model_or_state_dict, "config") and hasattr(model_or_state_dict, "state_dict"):
         config = config or config_from_hf(model_or_state_dict.config)
         state_dict = model_or_state_dict.state_dict()
     else:
-        raise TypeError(
+        raise KVLibTypeError(
             "expected a Hugging Face model (with .config and .state_dict()) or a state dict, "
             f"got {type(model_or_state_dict).__name__}"
         )
     if not isinstance(config, ModelConfig):
-        raise TypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
+        raise KVLibTypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
     weights = convert_state_dict(state_dict, config)
     first = weights["tok_embeddings.weight"]
     model = Transformer(config).to(device=first.device, dtype=first.dtype)

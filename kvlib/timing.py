@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from kvlib.errors import BenchError
+from kvlib.errors import BenchError, KVLibTypeError, check_int
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -24,7 +24,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         device = str(device)
     if not isinstance(device, str):
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+        raise KVLibTypeError(f"device must be a str or torch.device, got {type(device).__name__}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -51,9 +51,7 @@ def time_call(fn: Callable[[], object], device: torch.device | str) -> float:
 
 def check_reps(reps: object) -> int:
     """reps, checked: BenchError unless it is an int >= 1."""
-    if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
-        raise BenchError(f"reps must be an int >= 1, got {reps!r}")
-    return reps
+    return check_int("reps", reps, error=BenchError)
 
 
 def interleaved(
@@ -118,8 +116,7 @@ def copy_bandwidth(
     time_fns(fns, reps, device) times the copy (`interleaved` by default; the GPU bench passes
     its CUDA-event timing).
     """
-    if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
-        raise BenchError(f"nbytes must be an int >= 1, got {nbytes!r}")
+    check_int("nbytes", nbytes, error=BenchError)
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)  # (nbytes,)
     dst = torch.empty_like(src)
     times = time_fns({"copy": lambda: dst.copy_(src)}, reps, device)["copy"]

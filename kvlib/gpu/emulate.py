@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 from kvlib import paged
-from kvlib.config import check_int
-from kvlib.errors import KVLibTypeError, KVLibValueError
+from kvlib.errors import KVLibTypeError, KVLibValueError, check_int
 
 WMMA_TILE = 16  # m16n16k16
 GEMM_BLOCK = 32  # gemm_wmma: a 32 x 32 block of C per thread block

@@ -32,8 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvlib.config import check_int
-from kvlib.errors import GPUUnavailableError, KVLibIndexError, KVLibTypeError, KVLibValueError
+from kvlib.errors import (
+    GPUUnavailableError,
+    KVLibIndexError,
+    KVLibTypeError,
+    KVLibValueError,
+    check_int,
+)
 from kvlib.gpu.nvrtc import ToolchainError, include_dirs, kernel_source
 
 GEMM_METHODS = ("naive", "tiled", "wmma")

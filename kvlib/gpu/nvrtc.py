@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from kvlib.errors import KVLibTypeError, KVLibValueError, ToolchainError
+from kvlib.errors import KVLibValueError, ToolchainError, check_int
 
 ARCHS: tuple[int, ...] = (75, 80, 89, 90)  # T4, A100, L4/RTX 40, H100
 KERNEL_FILES: tuple[str, ...] = ("gemm.cu", "paged_attention.cu")
@@ -74,8 +74,7 @@ def ptxas_path() -> Path:
 
 
 def _check_arch(arch: int) -> None:
-    if not isinstance(arch, int) or isinstance(arch, bool):
-        raise KVLibTypeError(f"arch must be an int such as 80 (for sm_80), got {arch!r}")
+    check_int("arch (80 for sm_80)", arch, low=None)
     if arch < 75:
         raise KVLibValueError(f"arch {arch} is below 75: the kernels target sm_75 (T4) and newer")
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from kvlib.config import ModelConfig, check_int, dtype_bytes
-from kvlib.errors import KVLibTypeError, KVLibValueError, UnknownNameError
+from kvlib.config import ModelConfig, dtype_bytes
+from kvlib.errors import KVLibTypeError, KVLibValueError, UnknownNameError, check_int
 from kvlib.memory import GPU, get_gpu, get_model
 
 # Datasheet peak fp32 FLOP/s of the CUDA cores (no Tensor Cores), dense, per GPU of
