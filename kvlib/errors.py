@@ -16,7 +16,8 @@
     ├── UnknownNameError (KeyError)     a model or GPU name that is not registered
     ├── NotFinishedError (RuntimeError)  a run stopped at its step limit before finishing
     ├── GPUUnavailableError (RuntimeError)  no CUDA GPU or no CuPy
-    └── ToolchainError (RuntimeError)   the CUDA compiler wheels are missing or a compile failed
+    ├── ToolchainError (RuntimeError)   the CUDA compiler wheels are missing or a compile failed
+    └── KernelFaultError (RuntimeError)  a kernel run on the CPU broke a rule of the hardware
 
 Each class also subclasses the built-in error a caller would expect (ValueError, TypeError,
 IndexError, FileNotFoundError, KeyError, RuntimeError), so `except ValueError` keeps working.
