@@ -6,15 +6,16 @@ The public names the chapters use are importable from here; every submodule is o
 Layers, lowest first. A module imports kvlib modules of lower layers only (tests/test_layers.py
 checks every import, those inside functions too, so there is no cycle and no upward import):
 
-    0  errors
+    0  errors  engine
     1  config  data  metrics  notebook  paged_kernel  timing  gpu  gpu.nvrtc
-    2  attention  rope  memory  flops  serving  gpu.kernels
+    1  engine.request  engine.radix  engine.trace
+    2  attention  rope  memory  flops  serving  gpu.kernels  engine.blocks
     3  cache  gpu.roofline
     4  paged  quant  eviction
-    5  transformer  gpu.emulate
-    6  generate  chunked  hf  pretrained
-    7  kvlib  train  gpu.bench
-    8  bench  exercises
+    5  transformer  gpu.emulate  engine.kv
+    6  generate  chunked  hf  pretrained  engine.scheduler
+    7  kvlib  train  gpu.bench  engine.core
+    8  bench  exercises  bench_engine
     9  exercises.*
 
 The cache interface (`kvlib.cache.Cache`) sits above the attention math because its default
