@@ -15,8 +15,8 @@ checks every import, those inside functions too, so there is no cycle and no upw
     5  transformer  gpu.emulate  engine.kv
     6  generate  chunked  hf  pretrained  engine.scheduler
     7  kvlib  train  gpu.bench  engine.core
-    8  bench  exercises  bench_engine
-    9  exercises.*
+    8  bench  exercises  engine.replay
+    9  exercises.*  bench_engine
 
 The cache interface (`kvlib.cache.Cache`) sits above the attention math because its default
 `attend` runs the grouped attention; every cache sits below the model, which only calls the

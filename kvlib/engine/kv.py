@@ -95,7 +95,11 @@ class StepCache(Cache):
         for _, _, n in rows:
             starts.append(starts[-1] + n)
         self._starts = starts  # row r's tokens are [starts[r], starts[r + 1]) of the packed row
-        self._decodes = [r for r, (_, _, n) in enumerate(rows) if n == 1]
+        decodes = [r for r, (_, _, n) in enumerate(rows) if n == 1]
+        rows_d = torch.tensor(decodes, dtype=torch.long, device=dev)  # (B,) decode requests
+        self._decode_at = torch.tensor([starts[r] for r in decodes], dtype=torch.long, device=dev)
+        self._decode_tables = self._tables[rows_d]  # (B, M) the same for every layer
+        self._decode_lens = self._seq_lens[rows_d]  # (B,)
         self._chunks = [r for r, (_, _, n) in enumerate(rows) if n > 1]
 
     def prepare(self, T: int) -> int:
@@ -120,12 +124,11 @@ class StepCache(Cache):
         self.pool.v_pool[layer][blk, :, off] = v[0].transpose(0, 1)  # (T, K, D)
         self._len[layer] += k.shape[2]
         out = torch.empty_like(q)  # (1, H, T, D)
-        if self._decodes:
-            rows = torch.tensor(self._decodes, device=q.device)  # (B,)
-            at = torch.tensor([self._starts[r] for r in self._decodes], device=q.device)  # (B,)
+        at = self._decode_at
+        if len(at):
             qd = q[0][:, at].transpose(0, 1)[:, :, None]  # (B, H, 1, D): one query per request
             o = paged_attention(
-                qd, self.pool, self._tables[rows], self._seq_lens[rows], layer, method=self.method
+                qd, self.pool, self._decode_tables, self._decode_lens, layer, method=self.method
             )  # (B, H, 1, D)
             out[0][:, at] = o[:, :, 0].transpose(0, 1)  # (H, B, D)
         for r in self._chunks:
