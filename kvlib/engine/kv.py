@@ -17,9 +17,11 @@ mix requests. `StepCache` does what the model asks of a cache for such a packed 
                      request's queries over that request's blocks only (causal within it)
 
 Decode tokens (n_r = 1) of all requests are attended in one call, each prefill chunk in one
-call of its own, through `kvlib.paged.paged_attention`: method "fused" reads the blocks in place
-(`kvlib.paged_kernel`, float32 on the CPU), method "gather" copies them out first (the
-reference path). The model's own (1, 1, T, S) mask is not used: the rows are the mask.
+call of its own, through `kvlib.paged.paged_attention`. Method "gather" copies each request's
+blocks out and runs ordinary attention (the reference path). Method "fused" reads the decode
+tokens' blocks in place (`kvlib.paged_kernel`, float32 on the CPU), as `PagedKVCache` does; a
+chunk of many queries still gathers, where the copy is small next to the chunk's matrix products.
+The model's own (1, 1, T, S) mask is not used: the rows are the mask.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class StepCache(Cache):
                 self._tables[r : r + 1],
                 self._seq_lens[r : r + 1],
                 layer,
-                method=self.method,
+                method="gather",
             )  # (1, H, n, D)
         return out
 
