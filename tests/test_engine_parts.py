@@ -238,9 +238,23 @@ def test_cancel_frees_a_running_request_and_streams_stop():
     while engine.has_unfinished():
         streamed += list(engine.step().tokens.items())
     assert {rid for rid, _ in streamed} == {b}
-    assert [t for _, t in streamed] == engine.requests[b].output[1:]
+    engine_output = engine.requests[b].output
+    assert [t for _, t in streamed] == engine_output[1:]
     engine.cancel(a)  # a finished request: nothing to do
     engine.check_drained()
+    assert engine.pop(b).output == engine_output and b not in engine.requests
+    with pytest.raises(KVLibValueError, match="no request with id"):
+        engine.pop(b)
+
+
+def test_only_a_finished_request_can_be_popped_and_the_method_is_checked():
+    engine = Engine(MODEL, num_blocks=8, block_size=4)
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=4))
+    with pytest.raises(KVLibValueError, match="waiting"):
+        engine.pop(rid)
+    assert rid in engine.requests
+    with pytest.raises(KVLibValueError, match="attention must be one of"):
+        Engine(MODEL, num_blocks=8, attention="flash")
 
 
 def test_eos_stops_a_request_and_is_emitted():

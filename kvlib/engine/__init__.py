@@ -9,6 +9,7 @@ One concept per module, lowest first:
     scheduler   which requests run this step, with how many tokens; admission, preemption
     core        `Engine`: add_request, step, cancel; one forward per step over every request
     trace       synthetic workloads (ShareGPT-like lengths, Poisson arrivals) and their metrics
+    replay      serving a trace through the engine, or with static batches (the baseline)
 
 This package's `__init__` imports nothing, so each module keeps its own layer.
 """

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlib.engine.blocks import BlockPool
-from kvlib.engine.kv import StepCache
+from kvlib.engine.kv import ATTENTION_METHODS, StepCache
 from kvlib.engine.request import Request, SamplingParams, Status
 from kvlib.engine.scheduler import Scheduler
 from kvlib.errors import KVLibTypeError, KVLibValueError, OutOfBlocksError
@@ -53,7 +53,8 @@ class Engine:
     prefix_cache: None, "hash" or "radix"; preemption: "recompute" or "swap";
     chunked_prefill: split prompts over steps (else a prompt runs in one step, alone in the
     budget); reserve_tokens: reserve that many tokens' blocks per request up front (the
-    contiguous baseline); attention: "fused" or "gather" (`kvlib.engine.kv`).
+    contiguous baseline; prefix caching is off then); attention: "fused" or "gather"
+    (`kvlib.engine.kv`).
     """
 
     def __init__(
@@ -87,7 +88,10 @@ class Engine:
             preemption=preemption,
             reserve_tokens=reserve_tokens,
         )
-        StepCache(self.storage, [([0], 0, 1)], attention)  # validates the method
+        if attention not in ATTENTION_METHODS:
+            raise KVLibValueError(
+                f"attention must be one of {ATTENTION_METHODS}, got {attention!r}"
+            )
         self.attention = attention
         self.clock = clock
         self.requests: dict[int, Request] = {}
@@ -151,6 +155,15 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
+
+    def pop(self, request_id: int) -> Request:
+        """Remove a finished request from `requests` and return it (a server's last read)."""
+        req = self._get(request_id)
+        if not req.finished:
+            raise KVLibValueError(
+                f"request {request_id} is {req.status.value}; cancel it or let it finish first"
+            )
+        return self.requests.pop(request_id)
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()

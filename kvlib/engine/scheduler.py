@@ -105,12 +105,9 @@ class Scheduler:
         while not preempted and self.swapped and budget > 0:  # 2. swapped requests come back
             req = self.swapped[0]
             n = min(req.num_tokens - req.num_computed, budget)
-            saved = req.swapped_kv[0][0].shape[0]
-            if (
-                len(self.running) >= self.max_num_seqs
-                or saved + max(self.pool.blocks_for(req.num_computed + n) - saved, 0)
-                > self.pool.num_free
-            ):
+            saved = req.swapped_kv[0][0].shape[0]  # blocks it held
+            need = max(saved, self.pool.blocks_for(req.num_computed + n))
+            if len(self.running) >= self.max_num_seqs or need > self.pool.num_free:
                 break
             self.swapped.popleft()
             req.block_table = self.pool.allocate(saved)
