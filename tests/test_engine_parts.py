@@ -76,6 +76,32 @@ def test_freed_cached_blocks_are_evicted_least_recently_freed_first():
     pool.check_invariants()
 
 
+@pytest.mark.parametrize("kind", ["hash", "radix"])
+def test_a_block_computed_twice_is_cached_as_the_copy_in_use(kind):
+    pool = BlockPool(4, 2, kind)
+    a, _ = fill(pool, [1, 2])
+    b, _ = fill(pool, [1, 2])  # computed again while a still holds its copy
+    pool.free(a)  # a's copy is no longer the cached one: it is a plain free block
+    pool.allocate(pool.num_free)
+    assert pool.evictions == 0, "handing out a's copy evicts nothing"
+    assert pool.match_prefix([1, 2, 3], None, 2)[0] == b
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize("kind", ["hash", "radix"])
+def test_a_request_whose_cached_prefix_is_evicted_under_it_still_caches_its_blocks(kind):
+    """Blocks of 1 token and a pool of 2: serving a request evicts the cache entries of the
+    previous run of the same prompt while the request still names them."""
+    engine = Engine(MODEL, num_blocks=2, block_size=1, max_num_tokens=1, prefix_cache=kind)
+    outs = []
+    for _ in range(3):
+        rid = engine.add_request([0], SamplingParams(max_new_tokens=2))
+        engine.run()
+        outs.append(engine.requests[rid].output)
+        engine.check_drained()
+    assert outs[0] == outs[1] == outs[2]
+
+
 def test_the_pool_refuses_double_frees_and_partial_allocations():
     pool = BlockPool(3, 2, None)
     blocks = pool.allocate(2)

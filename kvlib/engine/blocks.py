@@ -181,7 +181,9 @@ class BlockPool:
         """Enter the full blocks among the first n_tokens tokens into the index.
 
         `keys` (the request's keys so far, extended in place) chains the new ones. A key already
-        in the index keeps its block (another request computed the same tokens first)."""
+        in the index moves to the new block: the copy a running request holds cannot be evicted
+        while it runs, so its whole chain stays findable; the older copy stays where it is,
+        uncached (freed and reused like any block)."""
         if self.prefix_cache is None:
             return
         P = self.block_size
@@ -190,9 +192,13 @@ class BlockPool:
             key = self.index.child(parent, tuple(token_ids[i * P : (i + 1) * P]), salt, True)
             keys.append(key)
             block = table[i]
-            if self.index.get(key) is None and block not in self.key_of:
-                self.index.put(key, block)
-                self.key_of[block] = key
+            old = self.index.get(key)
+            if old == block or block in self.key_of:
+                continue
+            if old is not None:
+                del self.key_of[old]  # the same tokens computed twice: the newer copy wins
+            self.index.put(key, block)
+            self.key_of[block] = key
 
     # ---- checks ----------------------------------------------------------------------------
     def check_invariants(self) -> None:

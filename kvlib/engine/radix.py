@@ -9,7 +9,8 @@ the pool hands out, so both indexes find exactly the same blocks.)
 
 `RadixIndex` answers the questions `kvlib.engine.blocks.BlockPool` asks of its index:
 child(parent, token_ids, salt, create) -> node, get(node), put(node, block), pop(node).
-A node whose block is evicted stays while it has children; an empty leaf is pruned.
+A node whose block is evicted stays while it has children; an empty leaf is pruned (and grown
+again if a running request that still names it fills the next block).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class RadixIndex:
             parent = self._salt_root(salt, create)
             if parent is None:
                 return None
+        elif create:
+            parent = self._attached(parent)
         self.ops += 1
         node = parent.children.get(token_ids)
         if node is None and create:
@@ -67,6 +70,8 @@ class RadixIndex:
             self._n_blocks -= 1
         node.block = None
         while node.parent is not None and node.block is None and not node.children:
+            if node.parent.children.get(node.edge) is not node:
+                break  # already cut off above (see `_attached`)
             del node.parent.children[node.edge]
             node = node.parent
 
@@ -81,6 +86,17 @@ class RadixIndex:
             count += 1
             stack.extend(node.children.values())
         return count
+
+    def _attached(self, node: Node) -> Node:
+        """The node in the tree for `node`'s path. A request keeps the nodes of its blocks; if a
+        node was pruned meanwhile (its block evicted), its path is grown again from the root."""
+        if node.parent is None:
+            return node
+        parent = self._attached(node.parent)
+        found = parent.children.get(node.edge)
+        if found is None:
+            found = parent.children[node.edge] = Node(parent, node.edge)
+        return found
 
     def _salt_root(self, salt: str | None, create: bool) -> Node | None:
         node = self.root.children.get(salt)
