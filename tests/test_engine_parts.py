@@ -102,6 +102,26 @@ def test_a_request_whose_cached_prefix_is_evicted_under_it_still_caches_its_bloc
     assert outs[0] == outs[1] == outs[2]
 
 
+def test_a_pruned_path_grows_again_when_a_running_request_fills_the_next_block():
+    from kvlib.engine.radix import RadixIndex
+
+    index = RadixIndex()
+    first = index.child(None, (1,), None, True)
+    index.put(first, 0)
+    second = index.child(first, (2,), None, True)
+    index.put(second, 1)
+    index.pop(second)
+    index.pop(first)  # both evicted: the whole path is pruned
+    assert index.num_nodes() == 0 and len(index) == 0
+    third = index.child(first, (3,), None, True)  # a request still names `first`
+    index.put(third, 2)
+    assert index.num_nodes() == 3, "salt node, (1,), (3,): the path is back in the tree"
+    again = index.child(None, (1,), None, False)
+    assert again is not None and index.child(again, (3,), None, False) is third
+    index.pop(third)
+    assert index.num_nodes() == 0 and len(index) == 0
+
+
 def test_the_pool_refuses_double_frees_and_partial_allocations():
     pool = BlockPool(3, 2, None)
     blocks = pool.allocate(2)
