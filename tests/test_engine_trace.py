@@ -80,7 +80,20 @@ def test_both_replays_serve_every_request_its_tokens():
         )
         for r in records:
             assert (
-                r["token_times"] == sorted(r["token_times"]) and r["token_times"][0] >= r["arrival"]
+                r["token_times"] == sorted(r["token_times"]) and r["token_times"][0] > r["arrival"]
             )
     assert [m for _, m in memory][1::2] == [0] * 4, "each of the 4 static batches frees its slab"
     engine.check_drained()
+
+
+def test_the_virtual_clock_runs_only_during_work_and_jumps_over_idle_time():
+    clock = VirtualClock()
+    assert clock() == 0.0 and clock() == 0.0, "a stopped clock stands still"
+    clock.jump(5.0)
+    clock.jump(2.0)
+    assert clock() == 5.0, "jumps never go back"
+    clock.start()
+    sum(range(100_000))  # some work
+    inside = clock()
+    clock.stop()
+    assert 5.0 < inside <= clock(), "inside the work it reads the moment; stop keeps it"

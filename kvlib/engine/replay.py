@@ -1,7 +1,7 @@
 """Serving a trace: through the engine, or with static batching (the baseline).
 
-Both replays run on a `VirtualClock` (`kvlib.engine.trace`): the clock advances by the
-measured time of each forward pass and jumps over idle gaps, so a trace's arrivals are honoured
+Both replays run on a `VirtualClock` (`kvlib.engine.trace`): the clock runs during each
+forward pass (and sampling) and jumps over idle gaps, so a trace's arrivals are honoured
 without sleeping. Each returns per-request records {arrival, token_times, prompt, cached} for
 `kvlib.engine.trace.summarize`, and the memory held over time.
 
@@ -11,8 +11,6 @@ batch_size x (longest prompt + longest output) slots); only then start the next 
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
@@ -35,9 +33,9 @@ def serve_trace(engine: Engine, trace: list[TraceRequest], clock: VirtualClock) 
             params = SamplingParams(max_new_tokens=r.max_new_tokens)
             ids.append(engine.add_request(list(r.prompt), params, arrival=r.arrival))
             i += 1
-        t0 = time.perf_counter()
-        engine.step()
-        clock.advance(time.perf_counter() - t0)
+        clock.start()
+        engine.step()  # the engine stamps each token with clock() as it samples it
+        clock.stop()
     return [
         dict(
             arrival=engine.requests[j].arrival,
@@ -65,19 +63,18 @@ def serve_static(
         n = max(r.max_new_tokens for r in batch)
         memory.append((clock.now, len(batch) * (tokens.shape[1] + n)))
         times: list[list[float]] = [[] for _ in batch]
-        last = [time.perf_counter()]
 
-        def stream(step: int, _tok: torch.Tensor, times=times, batch=batch, last=last) -> None:
-            now = time.perf_counter()
-            clock.advance(now - last[0])
-            last[0] = now
+        def stream(step: int, _tok: torch.Tensor, times=times, batch=batch) -> None:
+            now = clock()
             for b, r in enumerate(batch):
                 if step < r.max_new_tokens:
-                    times[b].append(clock.now)
+                    times[b].append(now)
 
+        clock.start()
         generate(
             model, tokens.to(model.device), n, attention_mask=mask.to(model.device), stream=stream
         )
+        clock.stop()
         memory.append((clock.now, 0))
         for r, t in zip(batch, times, strict=True):
             records.append(dict(arrival=r.arrival, token_times=t, prompt=len(r.prompt), cached=0))

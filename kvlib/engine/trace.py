@@ -12,13 +12,14 @@ and optionally one shared system prompt in front of every prompt (what prefix ca
     TPOT         time per output token after the first: (last - first) / (n - 1)
 
 reported as p50 and p99 over requests. `VirtualClock` lets a replay skip idle time: it
-advances only by the measured time of work, and jumps to the next arrival when nothing runs.
+runs only while work runs, and jumps to the next arrival when nothing does.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 
 from kvlib.errors import KVLibValueError, check_int
@@ -75,19 +76,30 @@ def sharegpt_like(
 
 
 class VirtualClock:
-    """A clock that advances by the work done (`advance`) and jumps over idle time (`jump`)."""
+    """A clock that runs only while work runs (between `start` and `stop`, at the speed of
+    `time.perf_counter`) and jumps over idle time (`jump`). Read inside the work, it gives the
+    moment of the reading, so a token is stamped when it exists."""
 
     def __init__(self) -> None:
         self.now = 0.0
+        self._since: float | None = None  # perf_counter() when the running work started
 
     def __call__(self) -> float:
-        return self.now
+        if self._since is None:
+            return self.now
+        return self.now + time.perf_counter() - self._since
 
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        self.now, self._since = self(), None
 
     def jump(self, t: float) -> None:
-        self.now = max(self.now, t)
+        """Skip idle time up to t (never backwards)."""
+        self.now = max(self(), t)
+        if self._since is not None:
+            self._since = time.perf_counter()
 
 
 def percentile(values: list[float], q: float) -> float:
