@@ -62,7 +62,7 @@ def _models(quick: bool) -> dict[str, Transformer]:
 
 def _plan(quick: bool) -> dict:
     return dict(
-        n_requests={"book": 32, "large": 12} if quick else {"book": 160, "large": 48},
+        n_requests={"book": 24, "large": 12} if quick else {"book": 160, "large": 48},
         rates={"book": [400.0], "large": [100.0]}
         if quick
         else {"book": [25.0, 100.0, 400.0], "large": [2.0, 8.0, 100.0]},
@@ -149,7 +149,7 @@ def run(quick: bool = False, threads: int | None = None, command: str = "") -> d
                 speedup,
                 ">=",
                 2.0,
-                f"rate {top}/s, KV budget {budget} tokens",
+                f"rate {top}/s, KV budget {budget} tokens, {n} requests",
             )
         )
         targets.append(
