@@ -82,12 +82,15 @@ def _engine(model: Transformer, clock: VirtualClock, budget: int, **kw) -> Engin
     )
 
 
-def kv_over_time(samples: list[tuple[float, int]]) -> dict:
-    """Peak and time-weighted mean of (time, slots held from then on) samples."""
+def kv_over_time(samples: list[tuple[float, int]], points: int = 64) -> dict:
+    """Peak and time-weighted mean of (time, slots held from then on) samples, and the series
+    itself thinned to at most `points` samples (for a plot of memory over time)."""
     peak = max(m for _, m in samples)
     span = samples[-1][0] - samples[0][0]
     area = sum(m * (t1 - t0) for (t0, m), (t1, _) in zip(samples, samples[1:], strict=False))
-    return dict(kv_peak=peak, kv_mean=area / span if span > 0 else float(peak))
+    every = -(-len(samples) // points)
+    series = [(round(t, 6), m) for t, m in samples[::every]]
+    return dict(kv_peak=peak, kv_mean=area / span if span > 0 else float(peak), kv_series=series)
 
 
 def _contender(name: str, model: Transformer, trace: list, budget: int) -> dict:

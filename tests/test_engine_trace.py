@@ -54,7 +54,22 @@ def test_summarize_reads_ttft_tpot_and_throughput():
 
 def test_kv_over_time_weights_by_duration():
     got = kv_over_time([(0.0, 10), (1.0, 30), (4.0, 0)])
-    assert got == {"kv_peak": 30, "kv_mean": pytest.approx((10 * 1 + 30 * 3) / 4)}
+    assert got["kv_peak"] == 30 and got["kv_mean"] == pytest.approx((10 * 1 + 30 * 3) / 4)
+    assert got["kv_series"] == [(0.0, 10), (1.0, 30), (4.0, 0)]
+    long = kv_over_time([(float(t), t % 7) for t in range(1000)], points=50)["kv_series"]
+    assert len(long) <= 50 and long[0] == (0.0, 0) and long[1][0] == 20.0
+
+
+def test_the_report_lists_every_row_and_target():
+    from kvlib.bench_engine import format_report
+    from kvlib.timing import target
+
+    row = dict(model="book", rate=4.0, throughput=100.0, ttft_p50=0.5, ttft_p99=1.0)
+    row |= dict(tpot_p50=0.01, tpot_p99=0.02, kv_peak=896, kv_mean=500.0)
+    rows = [row | dict(contender=c) for c in ("static", "paged")]
+    result = dict(budget_tokens=896, rows=rows, targets=[target("book", "x", 2.5, ">=", 2.0)])
+    text = format_report(result)
+    assert "static" in text and "paged" in text and "PASS book: x = 2.50" in text
 
 
 def test_both_replays_serve_every_request_its_tokens():
