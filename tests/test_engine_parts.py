@@ -9,7 +9,7 @@ from kvlib.engine.blocks import BlockPool, block_hash
 from kvlib.engine.core import Engine
 from kvlib.engine.kv import StepCache
 from kvlib.engine.request import SamplingParams
-from kvlib.errors import KVLibTypeError, KVLibValueError, OutOfBlocksError
+from kvlib.errors import KVLibError, KVLibTypeError, KVLibValueError, OutOfBlocksError
 from kvlib.generate import generate
 from kvlib.paged import BlockAllocator
 from tests.models import CONFIGS, model_for
@@ -326,3 +326,11 @@ def test_a_packed_step_matches_a_kv_cache_decode():
     got = packed_logits("fused", [prompt[-1:]], [prompt[:-1]])[-1]
     diff = (got - want).abs().max().item()
     assert diff < 1e-5, f"packed decode vs KVCache decode logits differ by {diff:.3g}"
+
+
+def test_run_stops_with_an_error_rather_than_spin_if_nothing_can_be_scheduled(monkeypatch):
+    engine = Engine(MODEL, num_blocks=8, block_size=4)
+    engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=2))
+    monkeypatch.setattr(engine.scheduler, "schedule", lambda: [])
+    with pytest.raises(KVLibError, match="none could be scheduled"):
+        engine.run()

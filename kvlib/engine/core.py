@@ -31,7 +31,7 @@ from kvlib.engine.blocks import BlockPool
 from kvlib.engine.kv import ATTENTION_METHODS, StepCache
 from kvlib.engine.request import Request, SamplingParams, Status
 from kvlib.engine.scheduler import Scheduler
-from kvlib.errors import KVLibTypeError, KVLibValueError, OutOfBlocksError
+from kvlib.errors import KVLibError, KVLibTypeError, KVLibValueError, OutOfBlocksError
 from kvlib.generate import next_token
 from kvlib.paged import BlockAllocator
 from kvlib.transformer import Transformer
@@ -234,7 +234,10 @@ class Engine:
         for _ in steps:
             if not self.has_unfinished():
                 break
-            self.step()
+            if not self.step().scheduled:  # cannot happen: a drained pool admits anything
+                raise KVLibError(
+                    "requests are queued but none could be scheduled: the scheduler is stuck"
+                )
         return {i: list(r.output) for i, r in self.requests.items()}
 
     def check_drained(self) -> None:
