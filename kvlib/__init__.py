@@ -6,15 +6,17 @@ The public names the chapters use are importable from here; every submodule is o
 Layers, lowest first. A module imports kvlib modules of lower layers only (tests/test_layers.py
 checks every import, those inside functions too, so there is no cycle and no upward import):
 
-    0  errors
+    0  errors  engine
     1  config  data  figures  metrics  notebook  paged_kernel  plots  timing  gpu  gpu.nvrtc
-    2  attention  rope  registry  flops  serving  gpu.kernels
+    1  engine.request  engine.radix  engine.trace
+    2  attention  rope  registry  flops  serving  gpu.kernels  engine.blocks
     3  cache  memory  gpu.host
     4  paged  quant  eviction.base  gpu.roofline
-    5  eviction.policies  transformer  gpu.emulate
-    6  eviction  generate  chunked  hf  pretrained
-    7  kvlib  train  checkpoints  bench  bench.report  bench.gpu_timing
+    5  eviction.policies  transformer  gpu.emulate  engine.kv
+    6  eviction  generate  chunked  hf  pretrained  engine.scheduler
+    7  kvlib  train  checkpoints  bench  bench.report  bench.gpu_timing  engine.core
     8  exercises  bench.problems  bench.section  bench.gpu_machine  bench.gpu_results
+    8  engine.replay
     9  exercises.*  bench.*
    10  bench.cpu  bench.gpu
    11  bench.__main__

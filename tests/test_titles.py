@@ -1,7 +1,8 @@
 """Chapter titles agree everywhere a reader meets them, and no chapter numbers its sections.
 
-A chapter's title is the H1 of its notebook, "# N. Title", where N is its place among the
-chapters of _toc.yml. The sidebar shows that H1 (the table of contents gives no other title),
+A chapter's title is the H1 of its notebook, "# N. Title", where N is its place among the ten
+chapters of _toc.yml; a chapter beyond the ten (its file starts with a letter) is "# A. Title",
+lettered in _toc.yml order. The sidebar shows that H1 (the table of contents gives no other title),
 and the intro's table of chapters links each chapter under the same "N. Title", in the same
 order. Sections (## and deeper) carry no numbers, in every chapter alike.
 """
@@ -15,9 +16,9 @@ import yaml
 from tests.toc import ROOT, notebooks
 
 NOTEBOOKS = notebooks()
-H1 = re.compile(r"^# (\d+)\. (\S.*)$")
+H1 = re.compile(r"^# (\d+|[A-Z])\. (\S.*)$")
 NUMBERED_SECTION = re.compile(r"^#{2,6} +\d+(\.\d+)*\.? ")
-INTRO_LINK = re.compile(r"\[([^\]]+)\]\(\.\./notebooks/(\d\d_\w+)\.ipynb\)")
+INTRO_LINK = re.compile(r"\[([^\]]+)\]\(\.\./notebooks/((?:\d\d|[A-Z])_\w+)\.ipynb\)")
 
 
 def _markdown_lines(path):
@@ -53,9 +54,19 @@ def _chapter_entries(entries):
 def test_chapter_title_is_numbered_by_its_place_in_the_toc(path):
     m = H1.match(h1(path))
     assert m, f"{path.name}: the title {h1(path)!r} is not '# N. Title'"
-    place = NOTEBOOKS.index(path) + 1
-    assert int(m.group(1)) == place, f"{path.name} is chapter {place} in _toc.yml, titled {m[0]!r}"
-    assert path.stem.startswith(f"{place:02d}_"), f"{path.name} is chapter {place} in _toc.yml"
+    place = label(path)
+    assert m.group(1) == place, f"{path.name} is chapter {place} in _toc.yml, titled {m[0]!r}"
+    prefix = f"{int(place):02d}_" if place.isdigit() else f"{place}_"
+    assert path.stem.startswith(prefix), f"{path.name} is chapter {place} in _toc.yml"
+
+
+def label(path) -> str:
+    """'1'..'10' for the ten chapters, 'A', 'B', ... for those beyond, in _toc.yml order."""
+    numbered = [p for p in NOTEBOOKS if p.stem[0].isdigit()]
+    if path in numbered:
+        return str(numbered.index(path) + 1)
+    beyond = [p for p in NOTEBOOKS if not p.stem[0].isdigit()]
+    return chr(ord("A") + beyond.index(path))
 
 
 def test_the_sidebar_shows_the_notebook_titles():

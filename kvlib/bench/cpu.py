@@ -32,6 +32,7 @@ SECTIONS: dict[str, str] = {
     "bandwidth": "kvlib.bench.bandwidth",
     "memory": "kvlib.bench.memory",
     "pretrained": "kvlib.bench.pretrained",
+    "engine": "kvlib.bench.engine",
 }
 
 
