@@ -7,14 +7,14 @@ Layers, lowest first. A module imports kvlib modules of lower layers only (tests
 checks every import, those inside functions too, so there is no cycle and no upward import):
 
     0  errors
-    1  config  data  metrics  notebook  paged_kernel  timing  gpu  gpu.nvrtc
-    2  attention  rope  memory  flops  serving  gpu.kernels
-    3  cache  gpu.roofline
+    1  config  data  metrics  notebook  paged_kernel  timing  gpu  gpu.nvrtc  quantize
+    2  attention  rope  memory  flops  serving  gpu.kernels  roofline
+    3  cache  gpu.roofline  quant_attention
     4  paged  quant  eviction
-    5  transformer  gpu.emulate
+    5  transformer  gpu.emulate  paged_quant
     6  generate  chunked  hf  pretrained
     7  kvlib  train  gpu.bench
-    8  bench  exercises
+    8  bench  exercises  bench_quant
     9  exercises.*
 
 The cache interface (`kvlib.cache.Cache`) sits above the attention math because its default

@@ -36,6 +36,7 @@ CACHES = {
     "PagedKVCache": (lambda B, S: PagedKVCache.from_config(CONFIG, B, num_blocks=B * S), True),
     "KIVI-4": (lambda B, S: QuantizedKVCache.from_config(CONFIG, B, S, kivi(4, 8)), False),
     "int8": (lambda B, S: QuantizedKVCache.from_config(CONFIG, B, S, "int8 per-token"), False),
+    "FP8": (lambda B, S: QuantizedKVCache.from_config(CONFIG, B, S, "FP8 per-head"), False),
     "FullCache": (lambda B, S: FullCache.from_config(CONFIG, S, B), True),
     "SlidingWindowCache": (lambda B, S: SlidingWindowCache.from_config(CONFIG, S, B), True),
     "SinkCache": (lambda B, S: SinkCache.from_config(CONFIG, S, B, n_sink=2), True),
