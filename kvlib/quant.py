@@ -28,10 +28,11 @@ import torch
 from kvlib.cache import Cache, KVCacheError
 from kvlib.config import ModelConfig, dtype_bytes
 from kvlib.errors import KVLibTypeError, check_int
-from kvlib.quant_attention import DEFAULT_CHUNK, chunk_bounds, chunked_attention
+from kvlib.quant_attention import DEFAULT_CHUNK, Chunk, chunk_bounds, chunked_attention
 from kvlib.quantize import (  # noqa: F401  (re-exported: the names chapters and tests import)
     BITS,
     FP8_GRANULARITIES,
+    FP8_IN_HALF,
     GRANULARITIES,
     INPUT_DTYPES,
     SCHEMES,
@@ -40,6 +41,7 @@ from kvlib.quantize import (  # noqa: F401  (re-exported: the names chapters and
     QuantScheme,
     dequantize,
     fp8,
+    fp8_as_half,
     fp8_scale,
     fp8_to_float,
     kivi,
@@ -168,13 +170,28 @@ class _Stream:
             return self.resid[:, :, :0].to(dtype, copy=True)  # (B, K, 0, D)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, K, b - a, D)
 
+    def read_chunk(self, a: int, b: int) -> Chunk:
+        """Slots [a, b) for the fused read. Codes with one scale per token (or per head, FP8)
+        come back as fp32 codes with the scale and zero point beside them, to be factored out
+        of the dot products; other slots (groups, per-channel blocks, the residual, a chunk
+        spanning both) come back dequantized."""
+        if b > self.n_q or self.gran in ("group", "channel"):
+            return Chunk(self.read_rows(a, b))
+        codes = self.codes[:, :, a:b]  # (B, K, n, D * bits / 8)
+        if self.fp8:
+            x = fp8_as_half(codes).float()  # (B, K, n, D): the numbers times FP8_IN_HALF
+            return Chunk(x, self.scale / FP8_IN_HALF)  # scale (1, K or 1, 1, 1)
+        scale = self.scale[:, :, a:b]  # (B, K, n, 1)
+        zero = -(2 ** (self.bits - 1)) * scale if self.symmetric else self.zero[:, :, a:b]
+        return Chunk(unpack(codes, self.bits).float(), scale, zero)  # x: (B, K, n, D) codes
+
     def crop(self, length: int, n: int, dtype: torch.dtype) -> None:
         """Keep slots [0, n). Tokens of a cut per-channel block move back to the residual as
         their dequantized values, so reads after the crop equal the first n slots before it."""
         if n >= self.n_q:
             return  # residual shrinks: slots [n, length) are simply forgotten
         keep = n_quantized(self.gran, self.R, n) if self.gran == "channel" else n
-        full = self.read(self.n_q, dtype)[:, :, keep:n]  # (B, K, n - keep, D)
+        full = self.read_rows(keep, n, dtype)  # (B, K, n - keep, D)
         self.n_q = keep
         self.resid[:, :, : n - keep] = full
 
@@ -294,7 +311,7 @@ class QuantizedKVCache(Cache):
         self._check_q(q, k)
         S = self._store(layer, k.to(self.dtype), v.to(self.dtype))
         ks, vs = self.keys[layer], self.values[layer]
-        return chunked_attention(q, ks.read_rows, vs.read_rows, self.chunk_edges(layer, S), mask)
+        return chunked_attention(q, ks.read_chunk, vs.read_chunk, self.chunk_edges(layer, S), mask)
 
     def chunk_edges(self, layer: int, S: int) -> list[int]:
         """Where the fused read of `layer`'s S slots cuts chunks: every `chunk_size` tokens

@@ -15,9 +15,18 @@ are computed, and the chunks are combined with the online softmax (Milakov & Gim
 
 No fp32 copy of the history ever exists; the codes are read once, where they lie. A cache
 supplies the chunks through `read(a, b)` functions returning its keys or values of slots
-[a, b) as fp32 (B, K, b - a, D): the quantized cache dequantizes codes there, or hands back its
-full-precision residual (KIVI's recent tokens), in the same pass. `chunk_bounds` lists where
-chunks may start and end (a per-channel block of R tokens has one scale, so it is never cut).
+[a, b) as a `Chunk`: numbers x * scale + zero, x fp32 (B, K, b - a, D). The quantized cache
+dequantizes codes there, or hands back its full-precision residual (KIVI's recent tokens), in
+the same pass. `chunk_bounds` lists where chunks start and end.
+
+When a scale and zero point are shared by a whole token (or a whole head), they factor out of
+both dot products, so the chunk's codes need only a conversion to fp32, not a dequantization:
+
+    q . (c_s * scale_s + zero_s)         = scale_s * (q . c_s) + zero_s * sum(q)
+    sum_s p_s (c_s * scale_s + zero_s)   = sum_s (p_s * scale_s) c_s + sum_s p_s zero_s
+
+(for symmetric codes, zero_s = -2**(bits-1) * scale_s). The scores and weights are D times
+smaller than the chunk, so this saves two passes over every chunk.
 
 `reference_chunked_attention` is the slow path beside it: read everything, then
 `kvlib.attention.grouped_attention`.
@@ -30,25 +39,64 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from kvlib.attention import grouped_attention
 from kvlib.errors import KVLibValueError, check_int
 
-Reader = Callable[[int, int], torch.Tensor]  # read(a, b) -> fp32 (B, K, b - a, D)
-DEFAULT_CHUNK = 1024  # tokens: a chunk of K * D fp32 numbers stays in the processor's cache
+DEFAULT_CHUNK = 1024  # tokens dequantized at a time: K * D fp32 numbers each, in the CPU's cache
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Keys or values of n slots: the numbers x * scale + zero.
+
+    x: fp32 (B, K, n, D); scale, zero: None (x are the numbers) or fp32 broadcastable to
+    (B, K, n, 1): one per token ((B, K, n, 1)) or per head ((1, K, 1, 1)).
+    """
+
+    x: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+
+    def numbers(self) -> torch.Tensor:
+        """The fp32 (B, K, n, D) numbers (the reference path's dequantization)."""
+        x = self.x if self.scale is None else self.x * self.scale
+        return x if self.zero is None else x + self.zero
+
+    def scores(self, qg: torch.Tensor) -> torch.Tensor:
+        """qg (B, K, R, D) -> fp32 (B, K, R, n): qg . numbers, with the scale factored out."""
+        s = qg @ self.x.transpose(-1, -2)  # (B, K, R, n)
+        if self.scale is not None:
+            s = s * self.scale.transpose(-1, -2)  # (B|1, K, 1, n|1)
+        if self.zero is not None:
+            s = s + qg.sum(-1, keepdim=True) * self.zero.transpose(-1, -2)  # (B, K, R, n)
+        return s
+
+    def weighted_sum(self, p: torch.Tensor) -> torch.Tensor:
+        """p (B, K, R, n) -> (B, K, R, D): p @ numbers, with the scale factored out."""
+        pw = p if self.scale is None else p * self.scale.transpose(-1, -2)  # (B, K, R, n)
+        out = pw @ self.x  # (B, K, R, D)
+        if self.zero is not None:
+            zero = self.zero.expand(*self.x.shape[:-1], 1)  # (B, K, n, 1)
+            out = out + p @ zero  # (B, K, R, 1) broadcast over D
+        return out
+
+
+Reader = Callable[[int, int], Chunk]  # read(a, b): keys or values of slots [a, b)
 
 
 def online_softmax_step(
     state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     scores: torch.Tensor,
-    values: torch.Tensor,
+    values: torch.Tensor | Chunk,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fold one chunk into the running (max m, sum l, output o) of an online softmax.
 
-    scores: fp32 (..., R, n), masked entries -inf; values: fp32 (..., n, D); state: None
-    before the first chunk, else m, l (..., R, 1) and o (..., R, D) from the previous step.
+    scores: fp32 (..., R, n), masked entries -inf; values: fp32 (..., n, D) or a `Chunk`;
+    state: None before the first chunk, else m, l (..., R, 1) and o (..., R, D) from the previous step.
     The result after the last chunk gives `online_softmax_result(state)`.
     """
     chunk_max = scores.amax(dim=-1, keepdim=True)  # (..., R, 1)
@@ -60,7 +108,7 @@ def online_softmax_step(
     shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # (..., R, 1)
     p = torch.exp(scores - shift)  # (..., R, n) unnormalised weights
     chunk_sum = p.sum(dim=-1, keepdim=True)  # (..., R, 1)
-    chunk_out = p @ values  # (..., R, D)
+    chunk_out = values.weighted_sum(p) if isinstance(values, Chunk) else p @ values  # (..., R, D)
     if state is None:
         return m, chunk_sum, chunk_out
     alpha = torch.exp(state[0] - shift)  # (..., R, 1) rescales what was summed before
@@ -112,7 +160,7 @@ def chunked_attention(
 ) -> torch.Tensor:
     """q (B, H, T, D) attending over S = edges[-1] keys read chunk by chunk -> (B, H, T, D).
 
-    Chunk i is slots [edges[i], edges[i+1]); read_k / read_v return them as fp32 (B, K, n, D).
+    Chunk i is slots [edges[i], edges[i+1]); read_k / read_v return them as `Chunk`s.
     Scores, softmax and the weighted sum run in fp32; the output is cast to q's dtype.
     """
     B, H, T, D = q.shape
@@ -122,12 +170,12 @@ def chunked_attention(
     state = None
     qg = None
     for a, b in zip(edges[:-1], edges[1:], strict=True):
-        k = read_k(a, b)  # (B, K, n, D) fp32, this chunk only
+        k = read_k(a, b)  # keys of this chunk only, x: (B, K, n, D)
         if qg is None:
-            K = k.shape[1]
+            K = k.x.shape[1]
             G = H // K
             qg = (q.float() * scale).reshape(B, K, G * T, D)  # (B, K, G*T, D) a group's rows
-        scores = qg @ k.transpose(-1, -2)  # (B, K, G*T, n)
+        scores = k.scores(qg)  # (B, K, G*T, n) fp32
         if mask is not None:
             m = mask[..., a:b] if mask.shape[-1] == S else mask  # (b, h, t, n)
             bb, h, t, n = m.shape
@@ -150,5 +198,5 @@ def reference_chunked_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """The reference path: read the whole history (dequantize everything), then attention."""
-    k, v = read_k(0, S), read_v(0, S)  # (B, K, S, D) fp32
+    k, v = read_k(0, S).numbers(), read_v(0, S).numbers()  # (B, K, S, D) fp32
     return grouped_attention(q.float(), k, v, mask, scale).to(q.dtype)  # (B, H, T, D)

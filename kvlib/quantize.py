@@ -365,17 +365,24 @@ def quantize_fp8(
     )
 
 
-def fp8_to_float(data: torch.Tensor) -> torch.Tensor:
-    """uint8 e4m3 bit patterns (...) -> their fp32 values (...).
+FP8_IN_HALF = 2.0**-8  # fp8_as_half(data) = the e4m3 numbers times this
 
-    torch's float8 -> float32 cast runs one element at a time on the CPU. This one is whole-
-    tensor integer arithmetic: e4m3 (s eeee mmm, exponent bias 7) placed in the bits of a
-    float16 (s eeeee mmmmmmmmmm, bias 15) as s 0eeee mmm0000000 is the same number times 2**-8
-    (normal and subnormal alike: the bias differs by 8), so one multiply by 256 finishes it.
+
+def fp8_as_half(data: torch.Tensor) -> torch.Tensor:
+    """uint8 e4m3 bit patterns (...) -> float16 (...) holding their values times 2**-8.
+
+    torch's float8 -> float32 cast runs one element at a time on the CPU. This is whole-tensor
+    integer arithmetic: e4m3 (s eeee mmm, exponent bias 7) placed in the bits of a float16
+    (s eeeee mmmmmmmmmm, bias 15) as s 0eeee mmm0000000 is the same number times 2**-8, normal
+    and subnormal alike (the biases differ by 8). Exact: float16 holds every e4m3 number.
     """
     h = data.view(torch.int8).to(torch.int16) * 128  # s s eeee mmm 0000000 (sign extended)
-    h = h & ~0x4000  # clear the copy of the sign in bit 14
-    return h.view(torch.float16).float() * 256.0  # (...) fp32
+    return (h & ~0x4000).view(torch.float16)  # clear the copy of the sign in bit 14
+
+
+def fp8_to_float(data: torch.Tensor) -> torch.Tensor:
+    """uint8 e4m3 bit patterns (...) -> their fp32 values (...)."""
+    return fp8_as_half(data).float() / FP8_IN_HALF  # (...) fp32
 
 
 # ---- schemes for keys and values ---------------------------------------------------------------

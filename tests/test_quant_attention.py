@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from kvlib.attention import causal_mask, grouped_attention
 from kvlib.quant import SCHEMES, QuantizedKVCache, QuantScheme, kivi
 from kvlib.quant_attention import (
+    Chunk,
     chunk_bounds,
     chunked_attention,
     online_softmax_result,
@@ -79,13 +80,13 @@ def test_fused_read_is_chunked_and_reads_no_whole_history():
     cache.update(0, torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8))
     asked = []
     ks = cache.keys[0]
-    read = ks.read_rows
+    read = ks.read_chunk
 
-    def spy(a, b, dtype=torch.float32):
+    def spy(a, b):
         asked.append(b - a)
-        return read(a, b, dtype)
+        return read(a, b)
 
-    ks.read_rows = spy
+    ks.read_chunk = spy
     out = cache.attend(
         0, torch.randn(1, 4, 1, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), None
     )
@@ -125,11 +126,14 @@ def test_chunked_attention_equals_reference_on_plain_tensors(T):
     k, v = torch.randn(B, K, S, D, generator=g), torch.randn(B, K, S, D, generator=g)
     mask = causal_mask(T, S)
 
-    def rk(a, b):
-        return k[:, :, a:b]
+    def rk(a, b):  # the keys as codes x with a scale and zero point per token
+        x = k[:, :, a:b]
+        return Chunk(
+            x * 2.0 - 1.0, torch.full_like(x[..., :1], 0.5), torch.full_like(x[..., :1], 0.5)
+        )
 
     def rv(a, b):
-        return v[:, :, a:b]
+        return Chunk(v[:, :, a:b])
 
     got = chunked_attention(q, rk, rv, chunk_bounds(S, 5), mask)
     want = reference_chunked_attention(q, rk, rv, S, mask)
