@@ -96,8 +96,8 @@ def online_softmax_step(
     """Fold one chunk into the running (max m, sum l, output o) of an online softmax.
 
     scores: fp32 (..., R, n), masked entries -inf; values: fp32 (..., n, D) or a `Chunk`;
-    state: None before the first chunk, else m, l (..., R, 1) and o (..., R, D) from the previous step.
-    The result after the last chunk gives `online_softmax_result(state)`.
+    state: None before the first chunk, else m, l (..., R, 1) and o (..., R, D) from the
+    previous step. The result after the last chunk gives `online_softmax_result(state)`.
     """
     chunk_max = scores.amax(dim=-1, keepdim=True)  # (..., R, 1)
     if state is None:
