@@ -227,17 +227,21 @@ class PagedQuantKVCache(PagedKVCache):
         self._write(layer, k.to(self.dtype), v.to(self.dtype))
         S = self._len[layer]
         tables = self.block_tables().clamp(min=0)  # (B, M)
-        P = self.block_size
+        P, Kh = self.block_size, self.n_kv_heads
+        heads = torch.arange(Kh, device=self.device)[None, :, None]  # (1, K, 1)
 
         def reader(stream: int):
-            pool = (self.allocator.k_pool, self.allocator.v_pool)[stream][layer]
+            pool = (self.allocator.k_pool, self.allocator.v_pool)[stream][layer]  # (N, K, P, E)
+            flat = pool.view(-1, pool.shape[-1])  # (N * K * P, E)
 
             def read(a: int, b: int) -> Chunk:
                 r = torch.arange(a, b, device=self.device)[None, :] - self._start[:, None]  # (B, n)
                 valid = r >= 0  # (B, n) padding slots read as zeros
                 r = r.clamp(min=0)
                 blk = tables.gather(1, (r // P).clamp(max=tables.shape[1] - 1))  # (B, n)
-                data = pool[blk, :, r % P].transpose(1, 2)  # (B, K, n, E)
+                # row (blk, k, off) of the pool seen as (N * K * P, E): one E-byte copy per slot
+                rows = (blk[:, None, :] * Kh + heads) * P + (r % P)[:, None, :]  # (B, K, n)
+                data = flat.index_select(0, rows.flatten()).view(*rows.shape, -1)  # (B, K, n, E)
                 return self._chunk(layer, stream, data, valid[:, None, :, None])
 
             return read
