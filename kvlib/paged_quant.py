@@ -35,11 +35,11 @@ from kvlib.errors import KVLibTypeError
 from kvlib.paged import BlockAllocator, PagedKVCache
 from kvlib.quant import SCHEMES
 from kvlib.quant_attention import DEFAULT_CHUNK, Chunk, chunk_bounds, chunked_attention
+from kvlib.quant_scheme import QuantScheme
 from kvlib.quantize import (
     FP8_IN_HALF,
     FP8_MAX,
     QuantizedTensor,
-    QuantScheme,
     dequantize,
     fp8_as_half,
     quantize,

@@ -29,27 +29,29 @@ from kvlib.cache import Cache, KVCacheError
 from kvlib.config import ModelConfig, dtype_bytes
 from kvlib.errors import KVLibTypeError, check_int
 from kvlib.quant_attention import DEFAULT_CHUNK, Chunk, chunk_bounds, chunked_attention
-from kvlib.quantize import (  # noqa: F401  (re-exported: the names chapters and tests import)
+from kvlib.quant_scheme import (  # noqa: F401  (re-exported: the names chapters and tests import)
+    SCHEMES,
+    QuantScheme,
+    fp8,
+    kivi,
+    n_quantized,
+    quantize_stream,
+)
+from kvlib.quantize import (  # noqa: F401  (re-exported)
     BITS,
     FP8_GRANULARITIES,
     FP8_IN_HALF,
     GRANULARITIES,
     INPUT_DTYPES,
-    SCHEMES,
     Granularity,
     QuantizedTensor,
-    QuantScheme,
     dequantize,
-    fp8,
     fp8_as_half,
     fp8_scale,
     fp8_to_float,
-    kivi,
-    n_quantized,
     pack,
     quantize,
     quantize_fp8,
-    quantize_stream,
     roundtrip,
     unpack,
 )
