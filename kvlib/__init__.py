@@ -8,7 +8,7 @@ checks every import, those inside functions too, so there is no cycle and no upw
 
     0  errors
     1  config  data  metrics  notebook  paged_kernel  timing  gpu  gpu.nvrtc  quantize
-    2  attention  rope  memory  flops  serving  gpu.kernels  roofline  quant_scheme
+    2  attention  rope  memory  flops  serving  gpu.kernels  roofline  quant_scheme  quant_kernel
     3  cache  gpu.roofline  quant_attention
     4  paged  quant  eviction
     5  transformer  gpu.emulate  paged_quant

@@ -33,10 +33,12 @@ from kvlib.cache import KVCacheError
 from kvlib.config import ModelConfig
 from kvlib.errors import KVLibTypeError
 from kvlib.paged import BlockAllocator, PagedKVCache
-from kvlib.quant import SCHEMES
+from kvlib.quant import SCHEMES, _is_valid_mask
 from kvlib.quant_attention import DEFAULT_CHUNK, Chunk, chunk_bounds, chunked_attention
+from kvlib.quant_kernel import quant_decode_attention
 from kvlib.quant_scheme import QuantScheme
 from kvlib.quantize import (
+    FP8_HEADROOM,
     FP8_IN_HALF,
     FP8_MAX,
     QuantizedTensor,
@@ -142,6 +144,7 @@ class PagedQuantKVCache(PagedKVCache):
             [None, None] for _ in range(allocator.n_layers)
         ]
         self.chunk_size = DEFAULT_CHUNK  # tokens the fused read gathers at a time
+        self.use_kernel = True  # decode steps run kvlib.quant_kernel where it applies
         super().__init__(allocator, batch_size)
 
     @classmethod
@@ -177,7 +180,7 @@ class PagedQuantKVCache(PagedKVCache):
             if scale is None:  # the first write fixes the scale: max |x| maps to FP8_MAX
                 dims = (0, 2) if s.key == "head" else (0, 1, 2)
                 amax = x.float().abs().amax(dim=dims).reshape(1, -1, 1, 1)  # (1, K or 1, 1, 1)
-                scale = (amax / FP8_MAX).clamp(min=1e-30)
+                scale = (amax / FP8_MAX).clamp(min=1e-30) * FP8_HEADROOM
                 self.fp8_scales[layer][stream] = scale
             return quantize_fp8(x, s.key, scale.reshape(-1, 1)).data  # (n, K, D)
         gran = s.key  # 'token' or 'group', the same for keys and values here
@@ -200,6 +203,8 @@ class PagedQuantKVCache(PagedKVCache):
     def _decode(self, layer: int, stream: int, data: torch.Tensor) -> torch.Tensor:
         """uint8 (..., K, E) -> fp32 (..., K, D) numbers (the pool's slot layout)."""
         if self.scheme.fp8:
+            if self.fp8_scales[layer][stream] is None:  # nothing stored yet: padding reads as 0
+                return torch.zeros(*data.shape[:-1], self.head_dim)  # (..., K, D)
             scale = self.fp8_scales[layer][stream].reshape(-1, 1)  # (K or 1, 1)
             return fp8_as_half(data).float() * (scale / FP8_IN_HALF)  # (..., K, D)
         codes, scale, zero = self._split(data)
@@ -227,6 +232,12 @@ class PagedQuantKVCache(PagedKVCache):
         self._write(layer, k.to(self.dtype), v.to(self.dtype))
         S = self._len[layer]
         tables = self.block_tables().clamp(min=0)  # (B, M)
+        if self.kernel_reads(q, mask, S):  # the compiled loop of kvlib.quant_kernel
+            lens = torch.tensor([self._seqs[i].lens[layer] for i in self._active])  # (B,)
+            first = torch.zeros_like(lens)  # a sequence's tokens start at its first block
+            coded = (self._coded(layer, 0), self._coded(layer, 1))
+            args = (tables, first, self._start, lens, self.scheme.fp8)
+            return quant_decode_attention(q, *coded, *args)
         P, Kh = self.block_size, self.n_kv_heads
         heads = torch.arange(Kh, device=self.device)[None, :, None]  # (1, K, 1)
 
@@ -249,12 +260,42 @@ class PagedQuantKVCache(PagedKVCache):
         edges = chunk_bounds(S, self.chunk_size)
         return chunked_attention(q, reader(0), reader(1), edges, mask)
 
+    def kernel_reads(self, q: torch.Tensor, mask: torch.Tensor | None, S: int) -> bool:
+        """Whether `attend` runs the compiled loop: a decode step (T = 1) on the CPU, int8 per
+        token or FP8 codes, and no mask but which slots hold tokens."""
+        s = self.scheme
+        return (
+            self.use_kernel
+            and self.device.type == "cpu"
+            and not q.requires_grad  # the compiled loop computes no gradients
+            and q.shape[2] == 1
+            and (s.fp8 or (s.bits == 8 and s.key == "token"))
+            and (mask is None or _is_valid_mask(mask, self.valid_mask(S)))
+        )
+
+    def _coded(self, layer: int, stream: int) -> tuple[torch.Tensor, ...]:
+        """codes (N, K, P, D) uint8 and per-slot scale, zero (N, K, P) of the pool, as views."""
+        pool = (self.allocator.k_pool, self.allocator.v_pool)[stream][layer]  # (N, K, P, E)
+        N, K, P, _ = pool.shape
+        if self.scheme.fp8:
+            scale = self.fp8_scales[layer][stream]
+            scale = torch.ones(()) if scale is None else scale  # None: no token stored yet
+            scale = scale.reshape(1, -1, 1).expand(N, K, P)
+            return pool, scale, torch.zeros(()).expand(N, K, P)
+        D = self.head_dim
+        scale = pool[..., D : D + 4].view(torch.float32)[..., 0]  # (N, K, P) the fp32 scales
+        if self.scheme.symmetric:
+            return pool[..., :D], scale, -128.0 * scale
+        return pool[..., :D], scale, pool[..., D + 4 : D + 8].view(torch.float32)[..., 0]
+
     def _chunk(self, layer: int, stream: int, data: torch.Tensor, valid: torch.Tensor) -> Chunk:
         """Bytes (B, K, n, E) of a chunk -> a `Chunk` (codes with their scales beside them)."""
         s = self.scheme
         if s.fp8:
             x = fp8_as_half(data).float() * valid  # (B, K, n, D)
-            return Chunk(x, self.fp8_scales[layer][stream] / FP8_IN_HALF)
+            scale = self.fp8_scales[layer][stream]
+            scale = torch.ones(1, 1, 1, 1) if scale is None else scale  # None: nothing stored
+            return Chunk(x, scale / FP8_IN_HALF)
         if s.key == "group":
             return Chunk(self._decode(layer, stream, data) * valid)  # (B, K, n, D)
         codes, scale, zero = self._split(data)  # scale, zero: (B, K, n, 1)

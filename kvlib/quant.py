@@ -8,7 +8,7 @@ group of tokens, so keys wait in full precision until R of them have arrived and
 quantized per channel as one block, while values keep the R most recent tokens in full
 precision and quantize each older token per token. FP8 schemes fix their per-tensor or
 per-head scale at a layer's first write (the prompt), as vLLM does when it computes the scales
-from the first batch; later numbers beyond the range saturate.
+from the first batch, with FP8_HEADROOM for larger numbers later; beyond it they saturate.
 
 Two ways to read it:
 
@@ -29,6 +29,7 @@ from kvlib.cache import Cache, KVCacheError
 from kvlib.config import ModelConfig, dtype_bytes
 from kvlib.errors import KVLibTypeError, check_int
 from kvlib.quant_attention import DEFAULT_CHUNK, Chunk, chunk_bounds, chunked_attention
+from kvlib.quant_kernel import quant_decode_attention
 from kvlib.quant_scheme import (  # noqa: F401  (re-exported: the names chapters and tests import)
     SCHEMES,
     QuantScheme,
@@ -40,6 +41,7 @@ from kvlib.quant_scheme import (  # noqa: F401  (re-exported: the names chapters
 from kvlib.quantize import (  # noqa: F401  (re-exported)
     BITS,
     FP8_GRANULARITIES,
+    FP8_HEADROOM,
     FP8_IN_HALF,
     GRANULARITIES,
     INPUT_DTYPES,
@@ -57,6 +59,16 @@ from kvlib.quantize import (  # noqa: F401  (re-exported)
 )
 
 # ---- the cache ---------------------------------------------------------------------------------
+
+
+def _is_valid_mask(mask: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Whether a decode step's mask (broadcastable to (B, 1, 1, S)) is the valid-slot mask."""
+    B, S = valid.shape
+    return (
+        mask.shape[-1] == S
+        and mask.numel() in (S, B * S)
+        and torch.equal(mask.reshape(-1, S).expand(B, S), valid)
+    )
 
 
 class _Stream:
@@ -108,7 +120,10 @@ class _Stream:
         m = n_q - self.n_q  # tokens of `pending` that get quantized now
         qt = None
         if m > 0 and self.fp8:
-            qt = quantize_fp8(pending[:, :, :m], self.gran, self.scale)  # the first write sets it
+            scale = self.scale  # fixed by the first write, with headroom for larger numbers
+            if scale is None:
+                scale = fp8_scale(pending[:, :, :m], self.gran) * FP8_HEADROOM
+            qt = quantize_fp8(pending[:, :, :m], self.gran, scale)
         elif m > 0:
             qt = quantize(
                 pending[:, :, :m],
@@ -171,6 +186,17 @@ class _Stream:
         if not parts:
             return self.resid[:, :, :0].to(dtype, copy=True)  # (B, K, 0, D)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, K, b - a, D)
+
+    def coded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """codes (B, K, S_max, D) uint8 and per-slot scale, zero (B, K, S_max) for the compiled
+        loop (int8 per token, or FP8 with its per-head or per-tensor scale spread over slots)."""
+        B, K, S_max, _ = self.codes.shape
+        if self.fp8:
+            scale = self.scale.reshape(1, -1, 1).expand(B, K, S_max)  # (B, K, S_max), no copy
+            return self.codes, scale, torch.zeros(()).expand(B, K, S_max)
+        scale = self.scale[..., 0]  # (B, K, S_max)
+        zero = -(2 ** (self.bits - 1)) * scale if self.symmetric else self.zero[..., 0]
+        return self.codes, scale, zero
 
     def read_chunk(self, a: int, b: int) -> Chunk:
         """Slots [a, b) for the fused read. Codes with one scale per token (or per head, FP8)
@@ -265,6 +291,7 @@ class QuantizedKVCache(Cache):
         self.max_seq_len = max_seq_len
         self.scheme = scheme
         self.chunk_size = DEFAULT_CHUNK  # tokens the fused read dequantizes at a time
+        self.use_kernel = True  # decode steps run kvlib.quant_kernel where it applies
         args = (batch_size, n_kv_heads, max_seq_len, D, dtype, self.device)
         self.keys = [_Stream(scheme, scheme.key, *args) for _ in range(n_layers)]
         self.values = [_Stream(scheme, scheme.value, *args) for _ in range(n_layers)]
@@ -313,7 +340,29 @@ class QuantizedKVCache(Cache):
         self._check_q(q, k)
         S = self._store(layer, k.to(self.dtype), v.to(self.dtype))
         ks, vs = self.keys[layer], self.values[layer]
+        if self.kernel_reads(q, mask, S):  # the compiled loop of kvlib.quant_kernel
+            B = self.batch_size
+            tables = torch.arange(B)[:, None]  # (B, 1): row b is "block" b of its stream
+            lens = S - self._start  # (B,) real tokens, from slot start[b] on
+            coded = (ks.coded(), vs.coded())
+            args = (tables, self._start, self._start, lens, self.scheme.fp8)
+            return quant_decode_attention(q, *coded, *args)
         return chunked_attention(q, ks.read_chunk, vs.read_chunk, self.chunk_edges(layer, S), mask)
+
+    def kernel_reads(self, q: torch.Tensor, mask: torch.Tensor | None, S: int) -> bool:
+        """Whether `attend` runs the compiled loop: a decode step (T = 1) on the CPU, int8 per
+        token or FP8 codes, no residual, and no mask but which slots hold tokens."""
+        s = self.scheme
+        per_token_int8 = s.bits == 8 and s.key == s.value == "token"
+        return (
+            self.use_kernel
+            and self.device.type == "cpu"
+            and not q.requires_grad  # the compiled loop computes no gradients
+            and q.shape[2] == 1
+            and s.residual == 0
+            and (s.fp8 or per_token_int8)
+            and (mask is None or _is_valid_mask(mask, self.valid_mask(S)))
+        )
 
     def chunk_edges(self, layer: int, S: int) -> list[int]:
         """Where the fused read of `layer`'s S slots cuts chunks: every `chunk_size` tokens

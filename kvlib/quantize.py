@@ -50,6 +50,7 @@ FP8_GRANULARITIES = ("tensor", "head")  # FP8 codes: one scale per tensor or per
 BITS = (2, 4, 8)
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP8_MAX = 448.0  # the largest finite float8 e4m3fn
+FP8_HEADROOM = 4.0  # a cache's first-write scale maps max |x| to FP8_MAX / FP8_HEADROOM
 _MIN_SCALE = 1e-30  # a group of equal numbers gets this scale instead of 0 (no 0 / 0)
 
 
@@ -341,8 +342,10 @@ def quantize_fp8(
     """x (..., S, D) -> FP8 e4m3 codes (uint8 bit patterns, (..., S, D)) and an fp32 scale.
 
     The scale is `fp8_scale(x, granularity)` unless given (a cache fixes it at its first write,
-    as vLLM does with scales computed from the first batch); numbers beyond
-    FP8_MAX * scale then saturate at it, as vLLM's conversion does.
+    as vLLM does with scales computed from the first batch, times FP8_HEADROOM so that later
+    numbers up to that many times larger still fit: FP8's step is relative, so the headroom costs
+    precision only below 2**-6 of the range); numbers beyond FP8_MAX * scale saturate at it, as
+    vLLM's conversion does.
     """
     x = _check_float(x)
     if scale is None:

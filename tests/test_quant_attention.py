@@ -77,6 +77,7 @@ def test_fused_read_is_chunked_and_reads_no_whole_history():
     where codes end), never for the whole history at once."""
     cache = QuantizedKVCache(1, 1, 2, 8, 256, "int8 per-token")
     cache.chunk_size = 32
+    cache.use_kernel = False  # the chunked read, not the compiled loop of kvlib.quant_kernel
     cache.update(0, torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8))
     asked = []
     ks = cache.keys[0]

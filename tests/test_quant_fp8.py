@@ -15,7 +15,7 @@ from kvlib.quant import (
     quantize,
     quantize_fp8,
 )
-from kvlib.quantize import FP8_MAX
+from kvlib.quantize import FP8_HEADROOM, FP8_MAX
 
 
 def test_fp8_to_float_equals_torchs_cast_for_every_code():
@@ -96,7 +96,8 @@ def test_fp8_cache_fixes_its_scale_at_the_first_write_and_rolls_it_back():
     state = cache.checkpoint()
     cache.update(0, k, k)
     scale = cache.keys[0].scale
-    assert torch.allclose(scale.flatten(), k.abs().amax(dim=(0, 2, 3)) / FP8_MAX)
+    want = k.abs().amax(dim=(0, 2, 3)) / FP8_MAX * FP8_HEADROOM
+    assert torch.allclose(scale.flatten(), want), "max |k| maps to 448 / FP8_HEADROOM"
     cache.update(0, 100 * k[:, :, :1], k[:, :, :1])
     assert cache.keys[0].scale is scale, "later writes keep the first scale"
     got = cache.keys[0].read(5, torch.float32)[:, :, 4]
