@@ -4,8 +4,9 @@
 
 1. Decode attention (one query token per kv-head group, one layer: B=1, K=8, G=4, D=128, as
    in Llama-3-8B) at S = 2k, 8k, 32k cached tokens, through each cache's `attend`: fp32
-   contiguous (`KVCache`), int8 and FP8 (`QuantizedKVCache`, the chunked fused read). Bytes
-   read per step and the GB/s they imply, against the machine's copy bandwidth.
+   contiguous (`KVCache`), int8 and FP8 (`QuantizedKVCache`, whose decode steps run the compiled
+   loop of `kvlib.quant_kernel`). Bytes read per step and the GB/s they imply, against the
+   machine's copy bandwidth.
 2. Whole-model decode tokens/s for every cache at a long context. The model is chosen so the
    cache dominates what a step reads: 2 layers of C=1024 (H=K=8, D=128, no grouping, so every
    query head has its own cache) and a small vocabulary, about 21M weights (84 MB in fp32),
