@@ -274,7 +274,8 @@ class PagedQuantKVCache(PagedKVCache):
         )
 
     def _coded(self, layer: int, stream: int) -> tuple[torch.Tensor, ...]:
-        """codes (N, K, P, D) uint8 and per-slot scale, zero (N, K, P) of the pool, as views."""
+        """The pool (N, K, P, E) uint8 (a slot's first D bytes are its codes) and per-slot
+        scale, zero (N, K, P), as views."""
         pool = (self.allocator.k_pool, self.allocator.v_pool)[stream][layer]  # (N, K, P, E)
         N, K, P, _ = pool.shape
         if self.scheme.fp8:
@@ -284,9 +285,12 @@ class PagedQuantKVCache(PagedKVCache):
             return pool, scale, torch.zeros(()).expand(N, K, P)
         D = self.head_dim
         scale = pool[..., D : D + 4].view(torch.float32)[..., 0]  # (N, K, P) the fp32 scales
-        if self.scheme.symmetric:
-            return pool[..., :D], scale, -128.0 * scale
-        return pool[..., :D], scale, pool[..., D + 4 : D + 8].view(torch.float32)[..., 0]
+        zero = (
+            -128.0 * scale
+            if self.scheme.symmetric
+            else pool[..., D + 4 : D + 8].view(torch.float32)[..., 0]
+        )
+        return pool, scale, zero  # the loop reads the first D bytes of each slot
 
     def _chunk(self, layer: int, stream: int, data: torch.Tensor, valid: torch.Tensor) -> Chunk:
         """Bytes (B, K, n, E) of a chunk -> a `Chunk` (codes with their scales beside them)."""

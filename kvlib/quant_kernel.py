@@ -45,20 +45,21 @@ def _kernels(fp8: bool):
 
     @numba.njit(fastmath=_FASTMATH)
     def load(c, x, xbits):  # pragma: no cover - compiled
-        # c (D,) uint8 codes -> x (D,) fp32 values (FP8: times FP8_IN_FP32); xbits: x's memory
+        # c (>= D,) uint8 codes -> x (D,) fp32 values (FP8: times FP8_IN_FP32); xbits: x's memory
         if fp8:
-            for d in range(c.shape[0]):
+            for d in range(x.shape[0]):
                 u = np.uint32(c[d])
                 xbits[d] = ((u & np.uint32(0x80)) << np.uint32(24)) | (
                     (u & np.uint32(0x7F)) << np.uint32(20)
                 )
         else:
-            for d in range(c.shape[0]):
+            for d in range(x.shape[0]):
                 x[d] = np.float32(c[d])
 
     @numba.njit(fastmath=_FASTMATH)
     def scores(q, codes, scale, zero, tables, first, view0, lens, out):  # pragma: no cover
-        # q (B, K, G, D) pre-scaled; codes (N, K, P, D); scale, zero (N, K, P); out (B, K, G, S)
+        # q (B, K, G, D) pre-scaled; codes (N, K, P, >= D): the first D bytes of a slot are its
+        # codes; scale, zero (N, K, P); out (B, K, G, S)
         B, K, G, D = q.shape
         P = codes.shape[2]
         xbits = np.empty(D, dtype=np.uint32)
@@ -87,7 +88,7 @@ def _kernels(fp8: bool):
     def weighted(p, codes, scale, zero, tables, first, view0, lens, out):  # pragma: no cover
         # p (B, K, G, S) softmax weights; out (B, K, G, D)
         B, K, G, S = p.shape
-        D = codes.shape[3]
+        D = out.shape[3]
         P = codes.shape[2]
         xbits = np.empty(D, dtype=np.uint32)
         x = xbits.view(np.float32)
@@ -130,7 +131,9 @@ def quant_decode_attention(
 ) -> torch.Tensor:
     """q (B, H, 1, D) fp32 -> (B, H, 1, D): attention over each row's lens[b] coded tokens.
 
-    k, v: (codes (N, K, P, D) uint8, scale (N, K, P) fp32, zero (N, K, P) fp32), any strides;
+    k, v: (codes (N, K, P, E) uint8 whose first D bytes per slot are the codes (E > D: a pool
+    that keeps the scales in the slot; contiguous, so the loop reads a slot's codes as one run),
+    scale (N, K, P) fp32, zero (N, K, P) fp32, any strides);
     block_tables (B, M); first, view0, lens (B,) int64 (see the module docstring).
     """
     if fp8 not in _COMPILED:
