@@ -145,7 +145,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack`: uint8 (..., D * bits // 8) -> uint8 codes (..., D)."""
+    """Inverse of `pack`: uint8 (..., D * bits // 8) -> uint8 codes (..., D). int8 codes are
+    already one per byte: `packed` itself comes back, not a copy."""
     bits = _check_bits(bits)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise KVLibTypeError(
