@@ -515,9 +515,22 @@ class PagedKVCache(Cache):
         if rows:
             rows_t, cols_t, blk_t, off_t = torch.tensor([rows, cols, blk, off], device=self.device)
             # pool[blk, :, off] is (n, K, D); k[rows, :, cols] is (n, K, D)
-            self.allocator.k_pool[layer][blk_t, :, off_t] = k[rows_t, :, cols_t]
-            self.allocator.v_pool[layer][blk_t, :, off_t] = v[rows_t, :, cols_t]
+            self._store(layer, blk_t, off_t, k[rows_t, :, cols_t], v[rows_t, :, cols_t])
         self._len[layer] = pos + T
+
+    def _store(
+        self, layer: int, blk: torch.Tensor, off: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write n tokens' k, v (n, K, D) into slots off (n,) of blocks blk (n,) of `layer`'s
+        pools (a pool storing another format overrides this and `_load`)."""
+        self.allocator.k_pool[layer][blk, :, off] = k
+        self.allocator.v_pool[layer][blk, :, off] = v
+
+    def _load(
+        self, layer: int, blk: torch.Tensor, off: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (..., K, D) of slots off of blocks blk (both (...)) of `layer`'s pools."""
+        return self.allocator.k_pool[layer][blk, :, off], self.allocator.v_pool[layer][blk, :, off]
 
     def _gather(self, layer: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The active rows' first S view slots of `layer` as (B, K, S, D), padding zeroed."""
@@ -533,8 +546,7 @@ class PagedKVCache(Cache):
             blk = tables.gather(1, col)  # (B, S)
             self._index_cache = (key, (blk, r % P, valid))
         blk, off, valid = self._index_cache[1]
-        k = self.allocator.k_pool[layer][blk, :, off]  # (B, S, K, D)
-        v = self.allocator.v_pool[layer][blk, :, off]  # (B, S, K, D)
+        k, v = self._load(layer, blk, off)  # (B, S, K, D) each
         keep = valid[:, :, None, None]  # (B, S, 1, 1)
         k = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
         v = torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device))

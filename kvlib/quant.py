@@ -1,401 +1,82 @@
-"""Quantized KV cache: int8 / int4 / int2 codes with fp32 scales, and the KIVI scheme.
+"""The quantized KV cache: keys and values stored as codes and scales, read by a fused pass.
 
-Pure functions first: `quantize(x)` turns a float tensor x of shape (..., S, D) (S tokens, D
-channels, as in the cache layout (B, K, S, D)) into a `QuantizedTensor`; `dequantize` turns it
-back. One *group* of numbers shares one fp32 scale (and, when asymmetric, one fp32 zero point):
+`QuantizedKVCache` implements the cache interface of `kvlib.cache` on top of the quantizers
+of `kvlib.quantize`: it quantizes keys and values as they are appended. Its `QuantScheme`
+picks the bits and granularity of keys and values and a full-precision residual of R tokens.
+KIVI (Liu et al. 2024) quantizes keys per channel and values per token: a key scale needs a
+group of tokens, so keys wait in full precision until R of them have arrived and are then
+quantized per channel as one block, while values keep the R most recent tokens in full
+precision and quantize each older token per token. FP8 schemes fix their per-tensor or
+per-head scale at a layer's first write (the prompt), as vLLM does when it computes the scales
+from the first batch, with FP8_HEADROOM for larger numbers later; beyond it they saturate.
 
-    granularity   a group is                                   scale, zero: shape
-    'token'       the D channels of one token                  (..., S, 1)
-    'group'       group_size consecutive channels of a token   (..., S, D // group_size)
-    'channel'     one channel over group_size consecutive      (..., S // group_size, D)
-                  tokens (all S tokens when group_size=None)
+Two ways to read it:
 
-Codes are unsigned integers in [0, 2**bits - 1]:
+    attend(layer, q, k, v, mask)   the model's call: store k, v, then the fused read of
+                                   `kvlib.quant_attention` (codes dequantized one chunk at a
+                                   time, the residual in the same pass; no fp32 history)
+    update(layer, k, v)            store, then return the whole (B, K, S, D) history
+                                   dequantized (the reference path; chapter 6 looks at it)
 
-    symmetric   scale = max|x| / (2**(bits-1) - 1),   code = round(x / scale) + 2**(bits-1),
-                x_hat = (code - 2**(bits-1)) * scale
-    asymmetric  scale = (max x - min x) / (2**bits - 1),   zero = min x,
-                code = round((x - zero) / scale),   x_hat = code * scale + zero
-
-Every x lies inside its group's representable range, so nothing is clipped and
-|x - x_hat| <= scale / 2 for every element: at most half a quantization step (up to fp32
-round-off). Scales and zero points are computed in fp32 whatever the input dtype.
-
-Packing: `data` is uint8 of shape (..., S, D * bits // 8). The 8 // bits codes of channels
-(j * 8 // bits ... (j + 1) * 8 // bits - 1) share byte j, the first in the lowest bits: int4
-puts channel 2j in the low nibble and 2j + 1 in the high nibble; int8 is one code per byte.
-
-`QuantizedKVCache` implements the cache interface of `kvlib.cache` on top of these functions:
-it quantizes keys and values as they are appended and dequantizes on read, so `update` returns
-(B, K, S, D) tensors of the cache's float dtype and the model runs on it unchanged. Its
-`QuantScheme` picks the bits and granularity of keys and values and a full-precision residual
-of R tokens. KIVI (Liu et al. 2024) quantizes keys per channel and values per token: a key
-scale needs a group of tokens, so keys wait in full precision until R of them have arrived
-and are then quantized per channel as one block, while values keep the R most recent tokens
-in full precision and quantize each older token per token.
+Padding slots are stored as zeros so they never widen a scale.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
 from kvlib.cache import Cache, KVCacheError
-from kvlib.config import ModelConfig, check_int, dtype_bytes
-
-Granularity = Literal["token", "channel", "group"]
-GRANULARITIES = ("token", "channel", "group")
-BITS = (2, 4, 8)
-INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MIN_SCALE = 1e-30  # a group of equal numbers gets this scale instead of 0 (no 0 / 0)
-
-
-# ---- checks ------------------------------------------------------------------------------------
-
-
-def _check_bits(bits: object) -> int:
-    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in BITS:
-        raise ValueError(f"bits must be one of {BITS} (codes pack into whole bytes), got {bits!r}")
-    return bits
-
-
-def _check_granularity(
-    granularity: object, group_size: object, S: int | None, D: int | None
-) -> int | None:
-    """Validate granularity and group_size against S tokens and D channels; return group_size."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if group_size is not None:
-        check_int("group_size", group_size)
-    if granularity == "token" and group_size is not None:
-        raise ValueError(
-            "granularity 'token' uses all D channels of a token as one group: pass "
-            "group_size=None (or granularity='group' for groups of channels)"
-        )
-    if granularity == "group":
-        if group_size is None:
-            raise ValueError("granularity 'group' needs group_size: channels per group")
-        if D is not None and D % group_size:
-            raise ValueError(
-                f"group_size={group_size} does not divide the {D} channels (last axis): "
-                "pick a divisor of D"
-            )
-    if granularity == "channel" and group_size is not None and S is not None and S % group_size:
-        raise ValueError(
-            f"group_size={group_size} does not divide the {S} tokens (second-to-last axis): "
-            "per-channel scales need whole groups of tokens"
-        )
-    return group_size
-
-
-# ---- packing -----------------------------------------------------------------------------------
-
-
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (..., D) in [0, 2**bits) -> packed uint8 (..., D * bits // 8).
-
-    Byte j holds the codes of channels j*n ... j*n + n - 1 (n = 8 // bits), the first in the
-    lowest bits.
-    """
-    bits = _check_bits(bits)
-    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
-        raise TypeError(f"codes must be a uint8 torch.Tensor, got {getattr(codes, 'dtype', codes)}")
-    n = 8 // bits
-    if codes.ndim == 0 or codes.shape[-1] % n:
-        raise ValueError(
-            f"the last axis ({tuple(codes.shape)}) must be a multiple of {n} to pack {bits}-bit "
-            "codes into whole bytes"
-        )
-    if n == 1:
-        return codes.clone()
-    if bool((codes >> bits).any()):
-        raise ValueError(f"codes must be in [0, {2**bits - 1}] to pack at {bits} bits")
-    D = codes.shape[-1]
-    grouped = codes.reshape(*codes.shape[:-1], D // n, n)  # (..., D/n, n)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)  # (n,)
-    return (grouped << shifts).sum(-1, dtype=torch.uint8)  # (..., D/n): disjoint bits, sum = or
-
-
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack`: uint8 (..., D * bits // 8) -> uint8 codes (..., D)."""
-    bits = _check_bits(bits)
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-        raise TypeError(
-            f"packed must be a uint8 torch.Tensor, got {getattr(packed, 'dtype', packed)}"
-        )
-    n = 8 // bits
-    if n == 1:
-        return packed.clone()
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (n,)
-    mask = (1 << bits) - 1
-    codes = (packed[..., None] >> shifts) & mask  # (..., D/n, n)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * n)  # (..., D)
-
-
-# ---- quantize / dequantize ---------------------------------------------------------------------
-
-
-def _groups(x: torch.Tensor, granularity: Granularity, group_size: int | None) -> torch.Tensor:
-    """(..., S, D) -> a view whose last two axes are (groups, members) or (groups, members, D)."""
-    *lead, S, D = x.shape
-    if granularity == "channel":
-        g = S if group_size is None else group_size
-        return x.reshape(*lead, S // g, g, D)  # (..., S/g, g, D): a group = one column block
-    g = D if group_size is None else group_size
-    return x.reshape(*lead, S, D // g, g)  # (..., S, D/g, g): a group = part of one row
-
-
-def _per_group(s: torch.Tensor, granularity: Granularity) -> torch.Tensor:
-    """Scales or zero points, shaped to broadcast against `_groups`."""
-    if granularity == "channel":
-        return s[..., :, None, :]  # (..., S/g, 1, D)
-    return s[..., None]  # (..., S, D/g, 1)
-
-
-@dataclass(frozen=True)
-class QuantizedTensor:
-    """Packed codes plus fp32 scales (and zero points) of one tensor (see the module docstring).
-
-    data: uint8 (..., S, D * bits // 8); scale, zero: fp32, shape set by the granularity;
-    zero is None when symmetric. `shape` and `dtype` are those of the original tensor.
-    """
-
-    data: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    bits: int
-    granularity: Granularity
-    group_size: int | None
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def symmetric(self) -> bool:
-        return self.zero is None
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes stored: packed codes + scales + zero points."""
-        total = self.data.numel() * self.data.element_size()
-        for t in (self.scale, self.zero):
-            if t is not None:
-                total += t.numel() * t.element_size()
-        return total
-
-    def step(self) -> torch.Tensor:
-        """fp32 (..., S, D): the quantization step (scale) of every element's group."""
-        ones = torch.ones(self.shape, dtype=torch.float32, device=self.data.device)  # (..., S, D)
-        grouped = _groups(ones, self.granularity, self.group_size)
-        return (grouped * _per_group(self.scale, self.granularity)).reshape(self.shape)
-
-
-def quantize(
-    x: torch.Tensor,
-    bits: int = 8,
-    *,
-    granularity: Granularity = "token",
-    group_size: int | None = None,
-    symmetric: bool = True,
-) -> QuantizedTensor:
-    """Quantize x (..., S, D) to `bits`-bit codes with one fp32 scale per group.
-
-    See the module docstring for the groups, the formulas and the packed layout. The error of
-    every element after `dequantize` is at most half its group's step (`QuantizedTensor.step`).
-    """
-    bits = _check_bits(bits)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in INPUT_DTYPES:
-        raise TypeError(
-            f"x must be float16, bfloat16 or float32 (scales are fp32), got {x.dtype}; "
-            "convert it with .float()"
-        )
-    if x.ndim < 2:
-        raise ValueError(
-            f"x must have shape (..., S, D) with at least 2 dims, got {tuple(x.shape)}"
-        )
-    *lead, S, D = x.shape
-    group_size = _check_granularity(granularity, group_size, S, D)
-    if D * bits % 8:
-        raise ValueError(
-            f"D={D} channels at {bits} bits do not fill whole bytes: D must be a "
-            f"multiple of {8 // bits}"
-        )
-    if x.numel() == 0:
-        raise ValueError(f"cannot quantize an empty tensor of shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x holds nan or inf: quantization needs finite numbers")
-
-    xf = x.float()  # scales, zero points and codes computed in fp32
-    xg = _groups(xf, granularity, group_size)  # (..., S, D/g, g) or (..., S/g, g, D)
-    axis = -2 if granularity == "channel" else -1  # the axis a group spans
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = (xg.abs().amax(axis) / qmax).clamp(min=_MIN_SCALE)  # (..., groups)
-        codes = torch.round(xg / _per_group(scale, granularity)) + 2 ** (bits - 1)
-        zero = None
-    else:
-        lo, hi = xg.amin(axis), xg.amax(axis)  # (..., groups)
-        scale = ((hi - lo) / (2**bits - 1)).clamp(min=_MIN_SCALE)
-        codes = torch.round((xg - _per_group(lo, granularity)) / _per_group(scale, granularity))
-        zero = lo
-    codes = codes.clamp(0, 2**bits - 1).to(torch.uint8).reshape(x.shape)  # (..., S, D)
-    return QuantizedTensor(
-        data=pack(codes, bits),  # (..., S, D * bits / 8)
-        scale=scale,
-        zero=zero,
-        bits=bits,
-        granularity=granularity,
-        group_size=group_size,
-        shape=tuple(x.shape),
-        dtype=x.dtype,
-    )
-
-
-def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Codes back to numbers: (..., S, D) of `dtype` (default: the dtype quantized)."""
-    if not isinstance(qt, QuantizedTensor):
-        raise TypeError(f"dequantize expects a QuantizedTensor, got {type(qt).__name__}")
-    dtype = qt.dtype if dtype is None else dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    codes = unpack(qt.data, qt.bits).float()  # (..., S, D) fp32
-    cg = _groups(codes, qt.granularity, qt.group_size)  # (..., S, D/g, g) or (..., S/g, g, D)
-    if qt.zero is None:
-        x = (cg - 2 ** (qt.bits - 1)) * _per_group(qt.scale, qt.granularity)
-    else:
-        x = cg * _per_group(qt.scale, qt.granularity) + _per_group(qt.zero, qt.granularity)
-    return x.reshape(qt.shape).to(dtype)  # (..., S, D)
-
-
-def roundtrip(
-    x: torch.Tensor,
-    bits: int = 8,
-    *,
-    granularity: Granularity = "token",
-    group_size: int | None = None,
-    symmetric: bool = True,
-) -> torch.Tensor:
-    """dequantize(quantize(x, ...)): what x looks like after a trip through the codes."""
-    qt = quantize(x, bits, granularity=granularity, group_size=group_size, symmetric=symmetric)
-    return dequantize(qt)
-
-
-# ---- schemes for keys and values ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QuantScheme:
-    """How a `QuantizedKVCache` stores keys and values.
-
-    bits: 2, 4 or 8. key, value: granularity of each ('token', 'group' or 'channel');
-    group_size: channels per group for 'group'. residual: R, the tokens kept in full precision.
-    A 'channel' stream is quantized in blocks of R tokens (one scale per channel per block), so
-    it needs R >= 1; its last S mod R tokens wait in full precision. A 'token' or 'group' stream
-    keeps its R most recent tokens in full precision and quantizes every older token.
-    """
-
-    bits: int = 8
-    key: Granularity = "token"
-    value: Granularity = "token"
-    group_size: int | None = None
-    symmetric: bool = True
-    residual: int = 0
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        _check_bits(self.bits)
-        for stream in (self.key, self.value):
-            gs = self.group_size if stream == "group" else None
-            _check_granularity(stream, gs, None, None)
-        if "group" in (self.key, self.value) and self.group_size is None:
-            raise ValueError("a 'group' stream needs group_size (channels per group)")
-        if not isinstance(self.residual, int) or isinstance(self.residual, bool):
-            raise ValueError(f"residual must be an int >= 0, got {self.residual!r}")
-        if self.residual < 0:
-            raise ValueError(f"residual must be an int >= 0, got {self.residual}")
-        if "channel" in (self.key, self.value) and self.residual < 1:
-            raise ValueError(
-                "a per-channel stream needs residual >= 1: its scales cover blocks of R tokens, "
-                "and the tokens of an unfilled block wait in full precision"
-            )
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
-
-    def granularity(self, stream: str) -> Granularity:
-        """The granularity of 'key' or 'value'."""
-        if stream not in ("key", "value"):
-            raise ValueError(f"stream must be 'key' or 'value', got {stream!r}")
-        return self.key if stream == "key" else self.value
-
-    def label(self) -> str:
-        """A short description such as 'int4 key=channel value=token R=32 asym'."""
-        sym = "sym" if self.symmetric else "asym"
-        g = f" g={self.group_size}" if "group" in (self.key, self.value) else ""
-        return f"int{self.bits} key={self.key} value={self.value}{g} R={self.residual} {sym}"
-
-
-def kivi(bits: int = 2, residual: int = 32, group_size: int | None = None) -> QuantScheme:
-    """KIVI (Liu et al. 2024): asymmetric; keys per channel in blocks of R tokens, values per
-    token (in groups of `group_size` channels when given); R recent tokens in full precision."""
-    return QuantScheme(
-        bits=bits,
-        key="channel",
-        value="token" if group_size is None else "group",
-        group_size=group_size,
-        symmetric=False,
-        residual=residual,
-        name=f"KIVI-{bits}",
-    )
-
-
-def n_quantized(granularity: Granularity, residual: int, S: int) -> int:
-    """Of S tokens in a stream, how many are stored quantized (the rest in full precision)."""
-    if granularity == "channel":
-        return S // residual * residual  # whole blocks of R tokens
-    return max(S - residual, 0)  # all but the R most recent
-
-
-def quantize_stream(x: torch.Tensor, scheme: QuantScheme, stream: str) -> torch.Tensor:
-    """The reference path: x (B, K, S, D), all S tokens of one stream ('key' or 'value'), as a
-    `QuantizedKVCache` holding exactly these tokens returns it (quantized part dequantized,
-    full-precision residual untouched)."""
-    g = scheme.granularity(stream)
-    nq = n_quantized(g, scheme.residual, x.shape[-2])
-    if nq == 0:
-        return x.clone()
-    head = roundtrip(
-        x[..., :nq, :],
-        scheme.bits,
-        granularity=g,
-        group_size=scheme.residual if g == "channel" else scheme.group_size,
-        symmetric=scheme.symmetric,
-    )  # (B, K, nq, D)
-    return torch.cat([head, x[..., nq:, :]], dim=-2)  # (B, K, S, D)
-
-
-SCHEMES: dict[str, QuantScheme] = {
-    "int8 per-token": QuantScheme(8, "token", "token", name="int8 per-token"),
-    "int4 per-token": QuantScheme(4, "token", "token", symmetric=False, name="int4 per-token"),
-    "int4 per-channel": QuantScheme(
-        4, "channel", "channel", symmetric=False, residual=32, name="int4 per-channel"
-    ),
-    "int2 per-token": QuantScheme(2, "token", "token", symmetric=False, name="int2 per-token"),
-    "KIVI-4": kivi(4, residual=32),
-    "KIVI-2": kivi(2, residual=32),
-}
-
+from kvlib.config import ModelConfig, dtype_bytes
+from kvlib.errors import KVLibTypeError, check_int
+from kvlib.quant_attention import DEFAULT_CHUNK, Chunk, chunk_bounds, chunked_attention
+from kvlib.quant_kernel import quant_decode_attention
+from kvlib.quant_scheme import (  # noqa: F401  (re-exported: the names chapters and tests import)
+    SCHEMES,
+    QuantScheme,
+    fp8,
+    kivi,
+    n_quantized,
+    quantize_stream,
+)
+from kvlib.quantize import (  # noqa: F401  (re-exported)
+    BITS,
+    FP8_GRANULARITIES,
+    FP8_HEADROOM,
+    FP8_IN_HALF,
+    GRANULARITIES,
+    INPUT_DTYPES,
+    Granularity,
+    QuantizedTensor,
+    dequantize,
+    fp8_as_half,
+    fp8_scale,
+    fp8_to_float,
+    pack,
+    quantize,
+    quantize_fp8,
+    roundtrip,
+    unpack,
+)
 
 # ---- the cache ---------------------------------------------------------------------------------
+
+
+def _is_valid_mask(mask: torch.Tensor, valid: torch.Tensor) -> bool:
+    """Whether a decode step's mask (broadcastable to (B, 1, 1, S)) is the valid-slot mask."""
+    B, S = valid.shape
+    return (
+        mask.shape[-1] == S
+        and mask.numel() in (S, B * S)
+        and torch.equal(mask.reshape(-1, S).expand(B, S), valid)
+    )
 
 
 class _Stream:
     """One layer's keys or values: packed codes, scales, zero points and the fp residual.
 
-    codes: (B, K, S_max, D * bits / 8) uint8
-    scale, zero: (B, K, S_max, n_groups) fp32 ('token'/'group'), (B, K, S_max // R, D) ('channel')
+    codes: (B, K, S_max, D * bits / 8) uint8 (FP8: the e4m3 bit patterns, (B, K, S_max, D))
+    scale, zero: (B, K, S_max, n_groups) fp32 ('token'/'group'), (B, K, S_max // R, D) ('channel');
+        FP8: one scale (1, 1, 1, 1) ('tensor') or (1, K, 1, 1) ('head'), None until the first write
     resid: (B, K, R, D) of the cache dtype; slots [n_q, len) live here, at resid[:, :, : len - n_q]
     """
 
@@ -407,6 +88,12 @@ class _Stream:
         # a scale covers R tokens of one channel, g channels of one token, or a whole token
         self.group_size = {"channel": self.R, "group": scheme.group_size}.get(gran)
         self.n_q = 0  # slots stored quantized, [0, n_q)
+        self.fp8 = scheme.fp8
+        self.resid = torch.zeros(B, K, self.R, D, dtype=dtype, device=device)  # (B, K, R, D)
+        if self.fp8:
+            self.codes = torch.zeros(B, K, S_max, D, dtype=torch.uint8, device=device)
+            self.scale, self.zero = None, None  # fixed by the first write
+            return
         if gran == "channel":
             scale_shape = (B, K, S_max // self.R, D)  # (B, K, S_max/R, D)
         else:
@@ -416,7 +103,6 @@ class _Stream:
         self.zero = (
             None if self.symmetric else torch.zeros(scale_shape, dtype=torch.float32, device=device)
         )
-        self.resid = torch.zeros(B, K, self.R, D, dtype=dtype, device=device)  # (B, K, R, D)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.codes, self.scale, self.zero, self.resid) if t is not None]
@@ -433,7 +119,12 @@ class _Stream:
         n_q = max(self.n_q, n_quantized(self.gran, self.R, length + x.shape[2]))
         m = n_q - self.n_q  # tokens of `pending` that get quantized now
         qt = None
-        if m > 0:
+        if m > 0 and self.fp8:
+            scale = self.scale  # fixed by the first write, with headroom for larger numbers
+            if scale is None:
+                scale = fp8_scale(pending[:, :, :m], self.gran) * FP8_HEADROOM
+            qt = quantize_fp8(pending[:, :, :m], self.gran, scale)
+        elif m > 0:
             qt = quantize(
                 pending[:, :, :m],
                 self.bits,
@@ -444,7 +135,10 @@ class _Stream:
         return qt, pending[:, :, m:], n_q
 
     def commit(self, qt: QuantizedTensor | None, resid: torch.Tensor, n_q: int) -> None:
-        if qt is not None:
+        if qt is not None and self.fp8:
+            self.codes[:, :, self.n_q : n_q] = qt.data
+            self.scale = qt.scale
+        elif qt is not None:
             self.codes[:, :, self.n_q : n_q] = qt.data
             rows = self._rows(self.n_q, n_q)
             self.scale[:, :, rows] = qt.scale
@@ -455,22 +149,69 @@ class _Stream:
 
     def read(self, length: int, dtype: torch.dtype) -> torch.Tensor:
         """The (B, K, length, D) tensor: dequantized slots, then the residual."""
-        resid = self.resid[:, :, : length - self.n_q]  # (B, K, r, D)
-        if self.n_q == 0:
-            return resid.clone()
-        B, K, _, D = resid.shape
-        rows = self._rows(0, self.n_q)
-        qt = QuantizedTensor(
-            data=self.codes[:, :, : self.n_q],
-            scale=self.scale[:, :, rows],
-            zero=None if self.zero is None else self.zero[:, :, rows],
-            bits=self.bits,
-            granularity=self.gran,
-            group_size=self.group_size,
-            shape=(B, K, self.n_q, D),
-            dtype=dtype,
-        )
-        return torch.cat([dequantize(qt, dtype), resid], dim=2)  # (B, K, length, D)
+        return self.read_rows(0, length, dtype)
+
+    def read_rows(self, a: int, b: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Slots [a, b) as (B, K, b - a, D) of `dtype`: codes dequantized where they are, then
+        the residual (a 'channel' stream dequantizes the whole blocks of R slots they touch)."""
+        parts = []
+        q_end = min(b, self.n_q)
+        if a < q_end:
+            B, K, _, D = self.resid.shape
+            if self.fp8:
+                x = fp8_to_float(self.codes[:, :, a:q_end]) * self.scale  # (B, K, n, D) fp32
+            else:
+                # a per-channel scale covers a block of R slots: dequantize whole blocks
+                lo, hi = a, q_end
+                if self.gran == "channel":
+                    lo, hi = a // self.R * self.R, -(-q_end // self.R) * self.R
+                rows = self._rows(lo, hi)
+                x = dequantize(
+                    QuantizedTensor(
+                        data=self.codes[:, :, lo:hi],
+                        scale=self.scale[:, :, rows],
+                        zero=None if self.zero is None else self.zero[:, :, rows],
+                        bits=self.bits,
+                        granularity=self.gran,
+                        group_size=self.group_size,
+                        shape=(B, K, hi - lo, D),
+                        dtype=dtype,
+                    ),
+                    dtype,
+                )[:, :, a - lo : q_end - lo]  # (B, K, n, D)
+            parts.append(x.to(dtype))
+        if b > max(a, self.n_q):
+            r0, r1 = max(a, self.n_q) - self.n_q, b - self.n_q
+            parts.append(self.resid[:, :, r0:r1].to(dtype, copy=True))  # (B, K, r, D)
+        if not parts:
+            return self.resid[:, :, :0].to(dtype, copy=True)  # (B, K, 0, D)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, K, b - a, D)
+
+    def coded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """codes (B, K, S_max, D) uint8 and per-slot scale, zero (B, K, S_max) for the compiled
+        loop (int8 per token, or FP8 with its per-head or per-tensor scale spread over slots)."""
+        B, K, S_max, _ = self.codes.shape
+        if self.fp8:
+            scale = self.scale.reshape(1, -1, 1).expand(B, K, S_max)  # (B, K, S_max), no copy
+            return self.codes, scale, torch.zeros(()).expand(B, K, S_max)
+        scale = self.scale[..., 0]  # (B, K, S_max)
+        zero = -(2 ** (self.bits - 1)) * scale if self.symmetric else self.zero[..., 0]
+        return self.codes, scale, zero
+
+    def read_chunk(self, a: int, b: int) -> Chunk:
+        """Slots [a, b) for the fused read. Codes with one scale per token (or per head, FP8)
+        come back as fp32 codes with the scale and zero point beside them, to be factored out
+        of the dot products; other slots (groups, per-channel blocks, the residual, a chunk
+        spanning both) come back dequantized."""
+        if b > self.n_q or self.gran in ("group", "channel"):
+            return Chunk(self.read_rows(a, b))
+        codes = self.codes[:, :, a:b]  # (B, K, n, D * bits / 8)
+        if self.fp8:
+            x = fp8_as_half(codes).float()  # (B, K, n, D): the numbers times FP8_IN_HALF
+            return Chunk(x, self.scale / FP8_IN_HALF)  # scale (1, K or 1, 1, 1)
+        scale = self.scale[:, :, a:b]  # (B, K, n, 1)
+        zero = -(2 ** (self.bits - 1)) * scale if self.symmetric else self.zero[:, :, a:b]
+        return Chunk(unpack(codes, self.bits).float(), scale, zero)  # x: (B, K, n, D) codes
 
     def crop(self, length: int, n: int, dtype: torch.dtype) -> None:
         """Keep slots [0, n). Tokens of a cut per-channel block move back to the residual as
@@ -478,7 +219,7 @@ class _Stream:
         if n >= self.n_q:
             return  # residual shrinks: slots [n, length) are simply forgotten
         keep = n_quantized(self.gran, self.R, n) if self.gran == "channel" else n
-        full = self.read(self.n_q, dtype)[:, :, keep:n]  # (B, K, n - keep, D)
+        full = self.read_rows(keep, n, dtype)  # (B, K, n - keep, D)
         self.n_q = keep
         self.resid[:, :, : n - keep] = full
 
@@ -489,14 +230,15 @@ class _Stream:
         q_hi = min(hi, self.n_q)
         n_codes = max(q_hi - lo, 0)
         per_group = 4 if self.symmetric else 8  # fp32 scale (+ fp32 zero point)
-        if n_codes == 0:
+        if n_codes == 0 or self.fp8:  # an FP8 scale is one per layer, not per token
             groups = 0
         elif self.gran == "channel":
             groups = ((q_hi - 1) // self.R - lo // self.R + 1) * D  # blocks touched, D each
         else:
             groups = n_codes * (D // (self.group_size or D))
         n_resid = hi - max(lo, self.n_q)
-        return n_codes * D * self.bits // 8 + groups * per_group + n_resid * D * dtype_bytes(dtype)
+        code_bytes = D if self.fp8 else D * self.bits // 8
+        return n_codes * code_bytes + groups * per_group + n_resid * D * dtype_bytes(dtype)
 
 
 class QuantizedKVCache(Cache):
@@ -526,7 +268,9 @@ class QuantizedKVCache(Cache):
                 raise KVCacheError(f"unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
             scheme = SCHEMES[scheme]
         if not isinstance(scheme, QuantScheme):
-            raise TypeError(f"scheme must be a QuantScheme or a name, got {type(scheme).__name__}")
+            raise KVLibTypeError(
+                f"scheme must be a QuantScheme or a name, got {type(scheme).__name__}"
+            )
         if dtype not in INPUT_DTYPES:
             raise KVCacheError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         D = head_dim
@@ -546,6 +290,8 @@ class QuantizedKVCache(Cache):
             )
         self.max_seq_len = max_seq_len
         self.scheme = scheme
+        self.chunk_size = DEFAULT_CHUNK  # tokens the fused read dequantizes at a time
+        self.use_kernel = True  # decode steps run kvlib.quant_kernel where it applies
         args = (batch_size, n_kv_heads, max_seq_len, D, dtype, self.device)
         self.keys = [_Stream(scheme, scheme.key, *args) for _ in range(n_layers)]
         self.values = [_Stream(scheme, scheme.value, *args) for _ in range(n_layers)]
@@ -577,6 +323,56 @@ class QuantizedKVCache(Cache):
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (B, K, T, D) to `layer`; return its (B, K, S, D) dequantized history."""
+        S = self._store(layer, k, v)
+        return self.keys[layer].read(S, self.dtype), self.values[layer].read(S, self.dtype)
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Store k, v (B, K, T, D); return q's (B, H, T, D) attention over the history, read by
+        the fused pass (`kvlib.quant_attention.chunked_attention`): codes are dequantized one
+        chunk at a time, never into a whole fp32 history."""
+        self._check_q(q, k)
+        S = self._store(layer, k.to(self.dtype), v.to(self.dtype))
+        ks, vs = self.keys[layer], self.values[layer]
+        if self.kernel_reads(q, mask, S):  # the compiled loop of kvlib.quant_kernel
+            B = self.batch_size
+            tables = torch.arange(B)[:, None]  # (B, 1): row b is "block" b of its stream
+            lens = S - self._start  # (B,) real tokens, from slot start[b] on
+            coded = (ks.coded(), vs.coded())
+            args = (tables, self._start, self._start, lens, self.scheme.fp8)
+            return quant_decode_attention(q, *coded, *args)
+        return chunked_attention(q, ks.read_chunk, vs.read_chunk, self.chunk_edges(layer, S), mask)
+
+    def kernel_reads(self, q: torch.Tensor, mask: torch.Tensor | None, S: int) -> bool:
+        """Whether `attend` runs the compiled loop: a decode step (T = 1) on the CPU, int8 per
+        token or FP8 codes, no residual, and no mask but which slots hold tokens."""
+        s = self.scheme
+        per_token_int8 = s.bits == 8 and s.key == s.value == "token"
+        return (
+            self.use_kernel
+            and self.device.type == "cpu"
+            and not q.requires_grad  # the compiled loop computes no gradients
+            and q.shape[2] == 1
+            and s.residual == 0
+            and (s.fp8 or per_token_int8)
+            and (mask is None or _is_valid_mask(mask, self.valid_mask(S)))
+        )
+
+    def chunk_edges(self, layer: int, S: int) -> list[int]:
+        """Where the fused read of `layer`'s S slots cuts chunks: every `chunk_size` tokens
+        (whole per-channel blocks) and where codes end and the residual begins."""
+        ks, vs = self.keys[layer], self.values[layer]
+        align = self.scheme.residual if "channel" in (self.scheme.key, self.scheme.value) else 1
+        return chunk_bounds(S, self.chunk_size, (ks.n_q, vs.n_q), align)
+
+    def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Quantize and store k, v (B, K, T, D); return the layer's new length."""
         T = self._check_kv(layer, k, v, self.max_seq_len)
         pos = self._len[layer]
         slots = torch.arange(pos, pos + T, device=self.device)  # (T,)
@@ -588,7 +384,7 @@ class QuantizedKVCache(Cache):
         vs.commit(*v_plan)
         self._len[layer] = pos + T
         self.elements_copied += k.numel() + v.numel()
-        return ks.read(pos + T, self.dtype), vs.read(pos + T, self.dtype)
+        return pos + T
 
     @property
     def capacity(self) -> int:
@@ -597,14 +393,16 @@ class QuantizedKVCache(Cache):
     def checkpoint(self) -> dict:
         """Lengths, and per stream the quantized count and a copy of the small residual (the
         only storage a step rewrites; codes and scales are written past the quantized count)."""
-        streams = [(st.n_q, st.resid.clone()) for st in self.keys + self.values]
+        streams = [(st.n_q, st.resid.clone(), st.scale) for st in self.keys + self.values]
         return super().checkpoint() | {"streams": streams}
 
     def rollback(self, state: dict) -> None:
         super().rollback(state)
-        for st, (n_q, resid) in zip(self.keys + self.values, state["streams"], strict=True):
+        for st, (n_q, resid, scale) in zip(self.keys + self.values, state["streams"], strict=True):
             st.n_q = n_q
             st.resid.copy_(resid)
+            if st.fp8:
+                st.scale = scale
 
     def crop(self, n: int) -> None:
         """Keep the first n slots of every layer (see `_Stream.crop` for per-channel blocks)."""
@@ -618,6 +416,8 @@ class QuantizedKVCache(Cache):
         super().reset()
         for stream in self.keys + self.values:
             stream.n_q = 0
+            if stream.fp8:
+                stream.scale = None
 
     def n_full_precision(self, layer: int = 0) -> tuple[int, int]:
         """(keys, values) of `layer` currently held in full precision."""

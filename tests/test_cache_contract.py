@@ -16,6 +16,7 @@ import torch
 
 import kvlib.eviction
 import kvlib.paged
+import kvlib.paged_quant
 import kvlib.quant
 from kvlib.cache import Cache, CacheFullError, ConcatKVCache, KVCache, KVCacheError
 from kvlib.chunked import chunked_prefill
@@ -23,6 +24,7 @@ from kvlib.config import tiny
 from kvlib.eviction import EvictionCache, FullCache, H2OCache, SinkCache, SlidingWindowCache
 from kvlib.generate import generate, left_pad, teacher_forced_logits
 from kvlib.paged import PagedKVCache
+from kvlib.paged_quant import PagedQuantKVCache
 from kvlib.quant import QuantizedKVCache, kivi
 from tests.models import model_for
 
@@ -36,6 +38,17 @@ CACHES = {
     "PagedKVCache": (lambda B, S: PagedKVCache.from_config(CONFIG, B, num_blocks=B * S), True),
     "KIVI-4": (lambda B, S: QuantizedKVCache.from_config(CONFIG, B, S, kivi(4, 8)), False),
     "int8": (lambda B, S: QuantizedKVCache.from_config(CONFIG, B, S, "int8 per-token"), False),
+    "FP8": (lambda B, S: QuantizedKVCache.from_config(CONFIG, B, S, "FP8 per-head"), False),
+    "PagedQuant-int8": (
+        lambda B, S: PagedQuantKVCache.from_config(CONFIG, B, num_blocks=B * S),
+        False,
+    ),
+    "PagedQuant-FP8": (
+        lambda B, S: PagedQuantKVCache.from_config(
+            CONFIG, B, num_blocks=B * S, block_size=4, scheme="FP8 per-tensor"
+        ),
+        False,
+    ),
     "FullCache": (lambda B, S: FullCache.from_config(CONFIG, S, B), True),
     "SlidingWindowCache": (lambda B, S: SlidingWindowCache.from_config(CONFIG, S, B), True),
     "SinkCache": (lambda B, S: SinkCache.from_config(CONFIG, S, B, n_sink=2), True),
@@ -57,6 +70,8 @@ def tolerance(name):
     """Largest logit difference from the contiguous cache: float32 round-off, or the error of
     a quantized cache on this random test model (measured up to 0.6 for KIVI-4 after a crop,
     which keeps cut tokens dequantized; a wrong position or mask moves logits by several)."""
+    if "FP8" in name:  # 3 mantissa bits: each number within 1/16 of itself (measured up to 1.1)
+        return 2.0
     return 1e-5 if lossless(name) else 1.0
 
 
@@ -137,7 +152,7 @@ def test_every_kvlib_cache_class_is_in_the_contract():
     covered = {type(make(name, 1, 8)) for name in NAMES}
     assert found, "no cache classes found"
     assert found <= covered, f"add these to CACHES: {sorted(c.__name__ for c in found - covered)}"
-    modules = {kvlib.paged, kvlib.quant, kvlib.eviction.policies}
+    modules = {kvlib.paged, kvlib.paged_quant, kvlib.quant, kvlib.eviction.policies}
     assert {inspect.getmodule(c) for c in found} >= modules
 
 
@@ -256,7 +271,9 @@ def test_memory_accounting(name, model):
         assert 0 < cache.nbytes_used <= cache.nbytes_allocated
     assert used == sorted(used) and used[0] == 0
     bytes_per_token = 2 * L * K * D * 4  # K and V, fp32
-    if isinstance(cache, (KVCache, ConcatKVCache, PagedKVCache, EvictionCache)):
+    if isinstance(cache, PagedQuantKVCache):  # codes and per-token scales, nothing else
+        assert cache.nbytes_used == B * 7 * cache.scheme.bytes_per_token(D, K, L)
+    elif isinstance(cache, (KVCache, ConcatKVCache, PagedKVCache, EvictionCache)):
         assert cache.nbytes_used == B * 7 * bytes_per_token
 
 

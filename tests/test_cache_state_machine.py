@@ -21,6 +21,7 @@ from hypothesis.stateful import (
 
 from kvlib.cache import KVCacheError
 from kvlib.paged import PagedKVCache
+from kvlib.paged_quant import PagedQuantKVCache
 from tests.models import model_for
 from tests.test_cache_contract import CONFIG, NAMES, V, evicts, make, observable, tolerance
 
@@ -35,6 +36,9 @@ def make_small(name):
     """Small enough that overflow, eviction and an exhausted pool all happen."""
     if name == "PagedKVCache":  # 7 blocks of 2 slots for two rows
         return PagedKVCache.from_config(CONFIG, B, num_blocks=7, block_size=2)
+    if name.startswith("PagedQuant"):  # the same small pool, quantized
+        scheme = "FP8 per-tensor" if name.endswith("FP8") else "int8 per-token"
+        return PagedQuantKVCache.from_config(CONFIG, B, num_blocks=7, block_size=2, scheme=scheme)
     return make(name, B=B, S=16)
 
 

@@ -238,3 +238,14 @@ def test_outputs_print_round_off_only_through_within(path):
                 f"{path.name}: cell {_src(cell)[:60]!r} prints {m.group(0)!r}; print differences "
                 "that round-off can move through kvlib.notebook.within(diff, tol)"
             )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercise_titles_leave_the_numbering_to_the_book(path):
+    """_ext/exercise_numbers.py numbers each chapter's exercises from 1: a title carries no
+    number of its own and no :nonumber:, or the book would show two numbers or none."""
+    for cell in _load(path)["cells"]:
+        src = _src(cell)
+        for m in re.finditer(r"```\{exercise\}(.*)\n((?::\w+:.*\n)*)", src):
+            assert not re.match(r"\s*\d", m.group(1)), f"{path.name}: numbered title {m[0]!r}"
+            assert ":nonumber:" not in m.group(2), f"{path.name}: {m[0]!r} opts out of numbering"

@@ -32,6 +32,7 @@ SECTIONS: dict[str, str] = {
     "bandwidth": "kvlib.bench.bandwidth",
     "memory": "kvlib.bench.memory",
     "pretrained": "kvlib.bench.pretrained",
+    "quantized": "kvlib.bench.quantized",
     "engine": "kvlib.bench.engine",
 }
 
