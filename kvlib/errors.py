@@ -13,7 +13,7 @@
     │   └── BenchError                  a benchmark asked for something it cannot measure
     ├── KVLibIndexError (IndexError)    an index out of range (a layer, a token position)
     ├── MissingFileError (FileNotFoundError)  a file kvlib needs is not there
-    ├── UnknownNameError (KeyError)     a model or GPU name that is not registered
+    ├── UnknownNameError (KeyError)     a name or id that is not registered (model, GPU, sequence)
     ├── NotFinishedError (RuntimeError)  a run stopped at its step limit before finishing
     ├── GPUUnavailableError (RuntimeError)  no CUDA GPU or no CuPy
     ├── ToolchainError (RuntimeError)   the CUDA compiler wheels are missing or a compile failed
@@ -87,7 +87,8 @@ class BenchError(KVLibValueError):
 
 
 class UnknownNameError(KVLibError, KeyError):
-    """A model or GPU name that is not registered (the message suggests the closest names)."""
+    """A name or id that is not registered: a model, a GPU, a sequence (the message says which
+    are known)."""
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0])

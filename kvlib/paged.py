@@ -43,8 +43,15 @@ import torch
 
 from kvlib.attention import attention
 from kvlib.cache import Cache, KVCacheError
-from kvlib.config import ModelConfig, check_int, dtype_bytes
-from kvlib.errors import OutOfBlocksError
+from kvlib.config import ModelConfig, dtype_bytes
+from kvlib.errors import (
+    KVLibIndexError,
+    KVLibTypeError,
+    KVLibValueError,
+    OutOfBlocksError,
+    UnknownNameError,
+    check_int,
+)
 from kvlib.paged_kernel import paged_attention_fused
 
 PAGED_METHODS = ("gather", "blocks", "fused")  # ways `paged_attention` reads the pool
@@ -83,7 +90,7 @@ class BlockAllocator:
         ):
             check_int(name, value)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+            raise KVLibTypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.n_layers = n_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -140,8 +147,7 @@ class BlockAllocator:
 
     def allocate(self, n: int = 1) -> list[int]:
         """Take n free blocks (refcount 1 each); all or nothing."""
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"number of blocks must be a non-negative int, got {n!r}")
+        check_int("number of blocks", n, low=0)
         if n > len(self._free):
             raise OutOfBlocksError(
                 f"need {n} blocks but only {len(self._free)} of {self.num_blocks} are free "
@@ -156,14 +162,14 @@ class BlockAllocator:
         """One more table holds `block` (it must be in use already)."""
         self._check_block(block)
         if self._ref[block] == 0:
-            raise ValueError(f"block {block} is free; only a block in use can be shared")
+            raise KVLibValueError(f"block {block} is free; only a block in use can be shared")
         self._ref[block] += 1
 
     def free(self, block: int) -> None:
         """One table lets go of `block`; at refcount 0 it returns to the free list."""
         self._check_block(block)
         if self._ref[block] == 0:
-            raise ValueError(f"block {block} is already free (double free)")
+            raise KVLibValueError(f"block {block} is already free (double free)")
         self._ref[block] -= 1
         if self._ref[block] == 0:
             self._free.append(block)
@@ -214,10 +220,11 @@ class BlockAllocator:
         return self.num_blocks * self.block_nbytes
 
     def _check_block(self, block: int) -> None:
-        if not isinstance(block, int) or isinstance(block, bool):
-            raise TypeError(f"block id must be an int, got {type(block).__name__}")
+        check_int("block id", block, low=None)
         if not 0 <= block < self.num_blocks:
-            raise IndexError(f"block {block} out of range for a pool of {self.num_blocks} blocks")
+            raise KVLibIndexError(
+                f"block {block} out of range for a pool of {self.num_blocks} blocks"
+            )
 
     def __repr__(self) -> str:
         return (
@@ -247,7 +254,9 @@ class PagedKVCache(Cache):
 
     def __init__(self, allocator: BlockAllocator, batch_size: int = 1) -> None:
         if not isinstance(allocator, BlockAllocator):
-            raise TypeError(f"allocator must be a BlockAllocator, got {type(allocator).__name__}")
+            raise KVLibTypeError(
+                f"allocator must be a BlockAllocator, got {type(allocator).__name__}"
+            )
         check_int("batch_size", batch_size)
         a = allocator
         super().__init__(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, a.dtype, a.device)
@@ -338,8 +347,7 @@ class PagedKVCache(Cache):
         self._check_between_steps()
         length = min(seq.lens)
         n = length if n_tokens is None else n_tokens
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= length:
-            raise ValueError(f"n_tokens must be an int in [0, {length}], got {n_tokens!r}")
+        check_int("n_tokens", n, low=0, high=length)
         blocks = seq.blocks[: _n_blocks(n, self.block_size)]
         for b in blocks:
             self.allocator.incref(b)
@@ -625,10 +633,9 @@ class PagedKVCache(Cache):
 
     # ---- checks ----------------------------------------------------------------------------------
     def _seq(self, seq_id: int) -> _Sequence:
-        if not isinstance(seq_id, int) or isinstance(seq_id, bool):
-            raise TypeError(f"sequence id must be an int, got {type(seq_id).__name__}")
+        check_int("sequence id", seq_id, low=None)
         if seq_id not in self._seqs:
-            raise KeyError(f"no sequence {seq_id}; known sequences: {sorted(self._seqs)}")
+            raise UnknownNameError(f"no sequence {seq_id}; known sequences: {sorted(self._seqs)}")
         return self._seqs[seq_id]
 
     def __repr__(self) -> str:
@@ -648,37 +655,38 @@ def _check_paged_args(
     layer: int,
 ) -> None:
     if not isinstance(pool, BlockAllocator):
-        raise TypeError(f"pool must be a BlockAllocator, got {type(pool).__name__}")
-    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < pool.n_layers:
-        raise IndexError(f"layer must be an int in [0, {pool.n_layers}), got {layer!r}")
+        raise KVLibTypeError(f"pool must be a BlockAllocator, got {type(pool).__name__}")
+    check_int("layer", layer, low=None)
+    if not 0 <= layer < pool.n_layers:
+        raise KVLibIndexError(f"layer must be an int in [0, {pool.n_layers}), got {layer!r}")
     if not isinstance(q, torch.Tensor) or q.ndim != 4:
-        raise ValueError(f"q must be a (B, H, T, D) tensor, got {getattr(q, 'shape', q)!r}")
+        raise KVLibValueError(f"q must be a (B, H, T, D) tensor, got {getattr(q, 'shape', q)!r}")
     B, H, T, D = q.shape
     if D != pool.head_dim or H % pool.n_kv_heads:
-        raise ValueError(
+        raise KVLibValueError(
             f"q has H={H}, D={D}; the pool holds K={pool.n_kv_heads} kv heads of "
             f"D={pool.head_dim} (H must be a multiple of K)"
         )
     if q.dtype != pool.dtype:
-        raise TypeError(f"q has dtype {q.dtype}, the pool holds {pool.dtype}")
+        raise KVLibTypeError(f"q has dtype {q.dtype}, the pool holds {pool.dtype}")
     if block_tables.ndim != 2 or block_tables.shape[0] != B or block_tables.dtype.is_floating_point:
-        raise ValueError(
+        raise KVLibValueError(
             f"block_tables must be an integer (B={B}, M) tensor, got "
             f"{tuple(block_tables.shape)} {block_tables.dtype}"
         )
     if seq_lens.shape != (B,) or seq_lens.dtype.is_floating_point:
-        raise ValueError(
+        raise KVLibValueError(
             f"seq_lens must be an integer ({B},) tensor, got {tuple(seq_lens.shape)} "
             f"{seq_lens.dtype}"
         )
     lo, hi = seq_lens.aminmax()
     if lo.item() < T:
-        raise ValueError(
+        raise KVLibValueError(
             f"every sequence must hold its {T} query tokens, got seq_lens={seq_lens.tolist()}"
         )
     P, M = pool.block_size, block_tables.shape[1]
     if hi.item() > M * P:
-        raise ValueError(
+        raise KVLibValueError(
             f"seq_lens {seq_lens.tolist()} exceed the {M} blocks x {P} slots of block_tables"
         )
     n_blocks = -(-hi.item() // P)  # columns of the table that hold tokens
@@ -686,7 +694,7 @@ def _check_paged_args(
     ids = block_tables[:, :n_blocks]  # (B, n_blocks)
     outside = (ids < 0) | (ids >= pool.num_blocks)
     if bool((outside & needed).any()):
-        raise IndexError(
+        raise KVLibIndexError(
             f"block_tables name blocks outside [0, {pool.num_blocks}) where tokens are expected"
         )
 
@@ -718,7 +726,7 @@ def gather_kv(
     P = pool.block_size
     S = int(seq_lens.max())
     if S > M * P:
-        raise ValueError(
+        raise KVLibValueError(
             f"seq_lens up to {S} exceed the {M} blocks x {P} slots of block_tables; "
             "expected max(seq_lens) <= M * block_size"
         )
@@ -757,13 +765,8 @@ def paged_attention(
     the processor's cache).
     """
     if method not in PAGED_METHODS:
-        raise ValueError(f"method must be one of {PAGED_METHODS}, got {method!r}")
-    if (
-        not isinstance(blocks_per_step, int)
-        or isinstance(blocks_per_step, bool)
-        or blocks_per_step < 1
-    ):
-        raise ValueError(f"blocks_per_step must be an int >= 1, got {blocks_per_step!r}")
+        raise KVLibValueError(f"method must be one of {PAGED_METHODS}, got {method!r}")
+    check_int("blocks_per_step", blocks_per_step)
     _check_paged_args(q, pool, block_tables, seq_lens, layer)
     B, H, T, D = q.shape
     K = pool.n_kv_heads

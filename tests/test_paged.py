@@ -122,7 +122,7 @@ def test_allocator_misuse():
         a.refcount(4)
     with pytest.raises(TypeError, match="block id must be an int"):
         a.free(1.0)
-    with pytest.raises(ValueError, match="non-negative int"):
+    with pytest.raises(ValueError, match="number of blocks must be an int >= 0"):
         a.allocate(-1)
     with pytest.raises(ValueError, match="num_blocks must be an int >= 1"):
         BlockAllocator(L, 0, 4, K, D)
