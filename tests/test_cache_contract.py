@@ -150,6 +150,9 @@ def test_every_kvlib_cache_class_is_in_the_contract():
             if sub.__module__.startswith("kvlib.") and not inspect.isabstract(sub):
                 found.add(sub)
     covered = {type(make(name, 1, 8)) for name in NAMES}
+    # The engine's StepCache lives for one forward pass over requests packed into one row; its
+    # storage is the engine's block pool, and tests/test_engine*.py check it against generate.
+    found -= {StepCache}
     assert found, "no cache classes found"
     assert found <= covered, f"add these to CACHES: {sorted(c.__name__ for c in found - covered)}"
     modules = {kvlib.paged, kvlib.paged_quant, kvlib.quant, kvlib.eviction.policies}
