@@ -21,6 +21,7 @@ import kvlib.quant
 from kvlib.cache import Cache, CacheFullError, ConcatKVCache, KVCache, KVCacheError
 from kvlib.chunked import chunked_prefill
 from kvlib.config import tiny
+from kvlib.engine.kv import StepCache
 from kvlib.eviction import EvictionCache, FullCache, H2OCache, SinkCache, SlidingWindowCache
 from kvlib.generate import generate, left_pad, teacher_forced_logits
 from kvlib.paged import PagedKVCache
