@@ -34,6 +34,7 @@ Shape letters, one meaning each, used in every shape comment:
     D  head dim                     G  query heads per kv head (H // K)
     N  blocks in a paged pool       P  tokens per block       M  blocks per sequence (table width)
     R  residual tokens a quantized cache keeps in full precision
+    E  bytes per slot of a quantized paged pool: a token's codes, then its scale and zero point
     W  tokens an eviction policy keeps (its window or budget)
     m, n, k  the dims of a matrix product (m, k) @ (k, n) -> (m, n), in the GPU kernels only
     b, h, t, s  a mask's dims, each 1 (broadcast) or the full B, H, T, S

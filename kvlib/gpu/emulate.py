@@ -8,7 +8,7 @@ rounding). Thread blocks that run in parallel on the GPU are vectorized or loope
 
 Layouts (letters as in kvlib; R is a GEMM's reduction length, K stays kv heads):
 
-    GEMM        a: (M, R), b: (R, N) -> (M, N) float32
+    GEMM        a: (m, k), b: (k, n) -> (m, n) float32
     attention   q: (B, H, T, D); k_pool, v_pool: (num_blocks, K, P, D), P = block_size;
                 block_tables: (B, M) int, -1 past the end; seq_lens: (B,) -> (B, H, T, D)
 
@@ -80,16 +80,16 @@ def wmma_gemm(a: Array, b: Array) -> np.ndarray:
     a, b = _np("a", a, 2), _np("b", b, 2)
     if a.shape[1] != b.shape[0]:
         raise KVLibValueError(
-            f"a {a.shape} and b {b.shape} do not chain: expected (M, R) and (R, N)"
+            f"a {a.shape} and b {b.shape} do not chain: expected (m, k) and (k, n)"
         )
     M, R = a.shape
     N = b.shape[1]
     pad = lambda n, m: -(-n // m) * m  # noqa: E731
     Mp, Np, Rp = pad(M, GEMM_BLOCK), pad(N, GEMM_BLOCK), pad(R, WMMA_TILE)
-    A = np.zeros((Mp, Rp), np.float32)  # (M, R) zero-padded like the shared-memory tiles
-    B = np.zeros((Rp, Np), np.float32)  # (R, N)
+    A = np.zeros((Mp, Rp), np.float32)  # (m, k) zero-padded like the shared-memory tiles
+    B = np.zeros((Rp, Np), np.float32)  # (k, n)
     A[:M, :R], B[:R, :N] = round_fp16(a), round_fp16(b)
-    C = np.zeros((Mp, Np), np.float32)  # (M, N) accumulators, fp32
+    C = np.zeros((Mp, Np), np.float32)  # (m, n) accumulators, fp32
     for r0 in range(0, Rp, WMMA_TILE):  # one mma_sync per step, per 16 x 16 tile
         C += A[:, r0 : r0 + WMMA_TILE] @ B[r0 : r0 + WMMA_TILE, :]
     return C[:M, :N]

@@ -9,7 +9,7 @@ everything that goes into it; a launch writes its arguments to a file, runs the 
 reads the buffers back. A separate process keeps the sanitizers out of Python, and turns a
 kernel's fault into a clear KernelFaultError instead of a crash.
 
-    gemm(a, b, method, order, sanitize)                  A: (M, R) fp16, B: (R, N) fp16
+    gemm(a, b, method, order, sanitize)                  A: (m, k) fp16, B: (k, n) fp16
     paged_decode_attention(q, k_pool, ..., method, num_splits, order, sanitize)
     launch(file, kernel, grid, block, args, shared_mem, order, sanitize, source)
 
@@ -328,7 +328,7 @@ def _check_cpu(**tensors: torch.Tensor) -> None:
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "wmma", **options) -> torch.Tensor:
-    """`kvlib.gpu.kernels.gemm` on the CPU: (M, R) @ (R, N) fp16 -> (M, N) fp32."""
+    """`kvlib.gpu.kernels.gemm` on the CPU: (m, k) @ (k, n) fp16 -> (m, n) fp32."""
     c, launches = gk.gemm_launches(a, b, method)
     _check_cpu(a=a, b=b)
     run(launches, **options)

@@ -4,7 +4,7 @@ The sources are package data (`kvlib/kernels/*.cu`), compiled at first use by
 `cupy.RawModule` (NVRTC, jitify off) for the GPU at hand. Tensors cross between torch and CuPy
 through DLPack: no copies, and the launch goes on torch's current stream.
 
-    gemm(a, b, method)                A: (M, R) fp16, B: (R, N) fp16 -> C: (M, N) fp32
+    gemm(a, b, method)                A: (m, k) fp16, B: (k, n) fp16 -> C: (m, n) fp32
         method: "naive" | "tiled" | "wmma" (Tensor Cores, sm_75+)
     paged_decode_attention(q, k_pool, v_pool, block_tables, seq_lens, method, num_splits)
         q: (B, H, T, D) fp16; k_pool, v_pool: (num_blocks, K, P, D) fp16 (one layer's pool);
@@ -147,7 +147,7 @@ def _check_tensor_cores(device: torch.device) -> None:
 
 
 def gemm_plan(method: str, M: int, N: int) -> dict:
-    """Kernel, grid, block and dynamic shared memory of the GEMM `method` for an (M, N) C."""
+    """Kernel, grid, block and dynamic shared memory of the GEMM `method` for an (m, n) C."""
     if method not in GEMM_METHODS:
         raise KVLibValueError(f"method must be one of {GEMM_METHODS}, got {method!r}")
     if method == "wmma":
@@ -158,22 +158,22 @@ def gemm_plan(method: str, M: int, N: int) -> dict:
 
 
 def gemm_launches(a: torch.Tensor, b: torch.Tensor, method: str) -> tuple[torch.Tensor, list]:
-    """Check a GEMM's inputs; return C (M, N) fp32, allocated on a's device, and its launches.
+    """Check a GEMM's inputs; return C (m, n) fp32, allocated on a's device, and its launches.
 
     No launch when M or N is 0 (C is empty). Device-agnostic: `gemm` runs the launches with
     CuPy, `kvlib.gpu.host.gemm` on the CPU.
     """
     if method not in GEMM_METHODS:
         raise KVLibValueError(f"method must be one of {GEMM_METHODS}, got {method!r}")
-    _check_tensor("a", a, 2, torch.float16, "(M, R)")
-    _check_tensor("b", b, 2, torch.float16, "(R, N)")
+    _check_tensor("a", a, 2, torch.float16, "(m, k)")
+    _check_tensor("b", b, 2, torch.float16, "(k, n)")
     if a.shape[1] != b.shape[0]:
         raise KVLibValueError(
-            f"a {tuple(a.shape)} and b {tuple(b.shape)} do not chain: expected (M, R) @ (R, N)"
+            f"a {tuple(a.shape)} and b {tuple(b.shape)} do not chain: expected (m, k) @ (k, n)"
         )
     M, R = a.shape
     N = b.shape[1]
-    c = torch.empty(M, N, dtype=torch.float32, device=a.device)  # (M, N)
+    c = torch.empty(M, N, dtype=torch.float32, device=a.device)  # (m, n)
     if M == 0 or N == 0:
         return c, []
     plan = gemm_plan(method, M, N)
@@ -182,7 +182,7 @@ def gemm_launches(a: torch.Tensor, b: torch.Tensor, method: str) -> tuple[torch.
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, *, method: str = "wmma") -> torch.Tensor:
-    """C = A @ B with fp16 inputs and fp32 accumulation: (M, R) @ (R, N) -> (M, N) fp32."""
+    """C = A @ B with fp16 inputs and fp32 accumulation: (m, k) @ (k, n) -> (m, n) fp32."""
     c, launches = gemm_launches(a, b, method)
     device = _check_devices(a=a, b=b)
     if method == "wmma":

@@ -77,7 +77,7 @@ def model_attention_intensity(
 
 
 def matmul_intensity(M: int, N: int, R: int, dtype: torch.dtype = torch.float16) -> float:
-    """Intensity of (M, R) @ (R, N): 2 M N R FLOPs over (M R + R N + M N) elements moved."""
+    """Intensity of (m, k) @ (k, n): 2 m n k FLOPs over (m k + k n + m n) elements moved."""
     for name, v in (("M", M), ("N", N), ("R", R)):
         check_int(name, v)
     return 2 * M * N * R / ((M * R + R * N + M * N) * dtype_bytes(dtype))
