@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 from kvlib.attention import _acc_dtype, _check_mask, _check_qkv
 from kvlib.cache import KVCacheError
 from kvlib.errors import KVLibTypeError, KVLibValueError, check_bool, check_int
-from kvlib.transformer import Transformer, check_tokens, left_padding
+from kvlib.transformer import Transformer, check_tokens, pad_lengths
 
 # ---- online-softmax attention ------------------------------------------------------------------
 
@@ -173,7 +173,7 @@ def chunked_prefill(
                 f"attention_mask declares left padding and needs an empty cache; this one "
                 f"holds {cache.seq_len} tokens"
             )
-        n_pad = left_padding(attention_mask)  # (B,), validates the 0/1 pattern
+        n_pad = pad_lengths(attention_mask)  # (B,), validates the 0/1 pattern
 
     tokens = tokens.to(model.device)
     outputs = []

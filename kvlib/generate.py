@@ -19,19 +19,19 @@ import torch
 
 from kvlib.cache import Cache, KVCache
 from kvlib.errors import KVLibTypeError, KVLibValueError, check_int
-from kvlib.transformer import Transformer, check_tokens, left_padding
+from kvlib.transformer import Transformer, check_tokens, pad_lengths
 
 # ---- batching helpers --------------------------------------------------------------------------
 
 
-def left_pad(
+def pad_prompts(
     prompts: Sequence[Sequence[int] | torch.Tensor],
     pad_id: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts of different lengths into tokens (B, T) and attention_mask (B, T)."""
     if len(prompts) == 0:
-        raise KVLibValueError("left_pad needs at least one prompt")
+        raise KVLibValueError("pad_prompts needs at least one prompt")
     rows = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
     if any(r.numel() == 0 for r in rows):
         raise KVLibValueError("every prompt needs at least one token")
@@ -152,7 +152,7 @@ def generate(
     device = model.device
     prompt = prompt.to(device)
     if attention_mask is not None:
-        left_padding(attention_mask)  # validate before any work
+        pad_lengths(attention_mask)  # validate before any work
         attention_mask = attention_mask.to(device)
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)

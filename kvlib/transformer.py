@@ -192,7 +192,7 @@ def check_state_dict(
 # ---- padding and positions ---------------------------------------------------------------------
 
 
-def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+def pad_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) 0/1 mask of left-padded rows -> (B,) int64 number of padding tokens per row.
 
     Raises ValueError unless every row is zeros then ones (at least one 1).
@@ -316,7 +316,7 @@ class Transformer(nn.Module):
                 f"attention_mask must have the shape of tokens {(B, T)}, "
                 f"got {tuple(getattr(attention_mask, 'shape', ()))}"
             )
-        return left_padding(attention_mask)  # (B,)
+        return pad_lengths(attention_mask)  # (B,)
 
     def _check_positions(self, pos: torch.Tensor, B: int, T: int) -> torch.Tensor:
         if not isinstance(pos, torch.Tensor) or tuple(pos.shape) != (B, T):

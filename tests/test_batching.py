@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvlib.config import tiny
-from kvlib.generate import generate, left_pad
+from kvlib.generate import generate, pad_prompts
 from tests.models import CONFIGS, model_for
 
 LENGTHS = (3, 9, 1, 6)
@@ -16,16 +16,16 @@ def prompts(lengths=LENGTHS, seed=2):
 
 
 def test_left_pad_builds_tokens_and_mask():
-    tokens, mask = left_pad([[5, 6], [7], [1, 2, 3]], pad_id=9)
+    tokens, mask = pad_prompts([[5, 6], [7], [1, 2, 3]], pad_id=9)
     assert tokens.tolist() == [[9, 5, 6], [9, 9, 7], [1, 2, 3]]
     assert mask.tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1]]
 
 
 def test_left_pad_rejects_empty_inputs():
     with pytest.raises(ValueError, match="at least one prompt"):
-        left_pad([])
+        pad_prompts([])
     with pytest.raises(ValueError, match="every prompt needs at least one token"):
-        left_pad([[1], []])
+        pad_prompts([[1], []])
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
@@ -33,7 +33,7 @@ def test_left_pad_rejects_empty_inputs():
 def test_batched_greedy_equals_each_row_alone(kind, use_cache):
     model = model_for(CONFIGS[kind])
     rows = prompts()
-    tokens, mask = left_pad(rows)
+    tokens, mask = pad_prompts(rows)
     batch = generate(model, tokens, 16, attention_mask=mask, use_cache=use_cache)
     for b, row in enumerate(rows):
         alone = generate(model, row[None], 16, use_cache=use_cache)[0, -16:]
@@ -46,7 +46,7 @@ def test_batched_greedy_equals_each_row_alone(kind, use_cache):
 @pytest.mark.parametrize("kind", CONFIGS)
 def test_batched_cached_equals_batched_uncached(kind):
     model = model_for(CONFIGS[kind], seed=3)
-    tokens, mask = left_pad(prompts(seed=4))
+    tokens, mask = pad_prompts(prompts(seed=4))
     a = generate(model, tokens, 20, attention_mask=mask)
     b = generate(model, tokens, 20, attention_mask=mask, use_cache=False)
     assert torch.equal(a, b), f"cached {a.tolist()} vs uncached {b.tolist()}"
@@ -55,7 +55,7 @@ def test_batched_cached_equals_batched_uncached(kind):
 def test_padded_logits_match_unpadded_logits():
     model = model_for(tiny())
     rows = prompts()
-    tokens, mask = left_pad(rows)
+    tokens, mask = pad_prompts(rows)
     with torch.no_grad():
         batch = model(tokens, attention_mask=mask)  # (B, T, V)
         for b, row in enumerate(rows):
@@ -69,7 +69,7 @@ def test_pad_token_value_does_not_matter():
     rows = prompts()
     outs = []
     for pad_id in (0, 17, 63):
-        tokens, mask = left_pad(rows, pad_id=pad_id)
+        tokens, mask = pad_prompts(rows, pad_id=pad_id)
         outs.append(generate(model, tokens, 10, attention_mask=mask))
     for out in outs[1:]:
         assert torch.equal(out[:, -10:], outs[0][:, -10:])
@@ -77,7 +77,7 @@ def test_pad_token_value_does_not_matter():
 
 def test_batched_sampling_is_reproducible_with_a_seed():
     model = model_for(tiny())
-    tokens, mask = left_pad(prompts())
+    tokens, mask = pad_prompts(prompts())
     kw = dict(attention_mask=mask, temperature=1.0, top_p=0.95, seed=11)
     a = generate(model, tokens, 12, **kw)
     b = generate(model, tokens, 12, use_cache=False, **kw)
@@ -87,7 +87,7 @@ def test_batched_sampling_is_reproducible_with_a_seed():
 def test_batched_eos_pads_finished_rows_only():
     model = model_for(tiny())
     rows = prompts()
-    tokens, mask = left_pad(rows)
+    tokens, mask = pad_prompts(rows)
     free = generate(model, tokens, 12, attention_mask=mask)
     eos = int(free[0, -12 + 2])  # row 0 finishes at its third new token
     out = generate(model, tokens, 12, attention_mask=mask, eos_token_id=eos)
@@ -100,7 +100,7 @@ def test_batched_eos_pads_finished_rows_only():
 
 def test_bad_attention_mask_raises_before_generating():
     model = model_for(tiny())
-    tokens, _ = left_pad(prompts((2, 3)))
+    tokens, _ = pad_prompts(prompts((2, 3)))
     with pytest.raises(ValueError, match="only LEFT padding"):
         generate(model, tokens, 4, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
 

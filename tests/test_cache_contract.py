@@ -23,7 +23,7 @@ from kvlib.chunked import chunked_prefill
 from kvlib.config import tiny
 from kvlib.engine.kv import StepCache
 from kvlib.eviction import EvictionCache, FullCache, H2OCache, SinkCache, SlidingWindowCache
-from kvlib.generate import generate, left_pad, teacher_forced_logits
+from kvlib.generate import generate, pad_prompts, teacher_forced_logits
 from kvlib.paged import PagedKVCache
 from kvlib.paged_quant import PagedQuantKVCache
 from kvlib.quant import QuantizedKVCache, kivi
@@ -249,7 +249,7 @@ def test_reset_forgets_everything(name, model):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_left_padding(name, model):
-    tokens, mask = left_pad([[5, 6, 7], [1, 2, 3, 4, 9, 8]])
+    tokens, mask = pad_prompts([[5, 6, 7], [1, 2, 3, 4, 9, 8]])
     cache = make(name)
     if isinstance(cache, EvictionCache):  # streams have no padding: refused, nothing changes
         with pytest.raises(KVCacheError, match="unpadded streams"):
@@ -336,7 +336,7 @@ def test_forward_failing_after_an_eviction_rolls_the_eviction_back(name, model):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_padded_forward_that_fails_leaves_no_padding(name, model):
-    tokens, mask = left_pad([[5, 6, 7], [1, 2, 3, 4, 9, 8]])
+    tokens, mask = pad_prompts([[5, 6, 7], [1, 2, 3, 4, 9, 8]])
     cache, twin = make(name), make(name)
     broken = model_for(CONFIG)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from kvlib.chunked import (
     online_softmax_attention,
 )
 from kvlib.config import tiny
-from kvlib.generate import generate, left_pad
+from kvlib.generate import generate, pad_prompts
 from tests.models import model_for as make_model
 
 F64 = torch.float64
@@ -190,7 +190,7 @@ def test_chunked_prefill_other_head_layouts(kind):
 def test_chunked_prefill_with_left_padding_and_a_cached_prefix():
     config = tiny(max_seq_len=64)
     model = model_for(config)
-    x, mask = left_pad([tokens(1, 9, seed=2)[0], tokens(1, 20, seed=3)[0]])
+    x, mask = pad_prompts([tokens(1, 9, seed=2)[0], tokens(1, 20, seed=3)[0]])
     with torch.no_grad():
         full = model(x, attention_mask=mask)  # (B, T, V)
     cache = KVCache.from_config(config, 2, dtype=F64)

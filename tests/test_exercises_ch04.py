@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvlib.exercises.ch04 import check_padding_waste, check_position_ids
-from kvlib.generate import left_pad
+from kvlib.generate import pad_prompts
 from tests.answers import assert_hints_hide, assert_not_revealed, failures
 
 CASES = [[4, 4], [1, 5, 3], [2], [7, 1, 1, 6]]  # the batches check_position_ids tries
@@ -19,7 +19,7 @@ def right_positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 def expected_positions() -> list[torch.Tensor]:
-    return [right_positions(left_pad([[1] * n for n in lengths])[1]) for lengths in CASES]
+    return [right_positions(pad_prompts([[1] * n for n in lengths])[1]) for lengths in CASES]
 
 
 def test_position_ids_hides_the_answer(capsys):

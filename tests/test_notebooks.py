@@ -180,11 +180,13 @@ def _copies(source: str, known: dict[str, str]) -> list[str]:
 
 
 def test_the_copy_check_sees_through_renaming():
-    source = textwrap.dedent(inspect.getsource(importlib.import_module("kvlib.generate").left_pad))
-    renamed = source.replace("prompts", "texts").replace("def left_pad", "def my_pad")
+    source = textwrap.dedent(
+        inspect.getsource(importlib.import_module("kvlib.generate").pad_prompts)
+    )
+    renamed = source.replace("def pad_prompts", "def my_pad").replace("rows", "seqs")
     renamed = renamed.replace('"""', "'''", 2)  # another docstring does not matter either
     assert renamed != source
-    assert _copies(renamed, _kvlib_functions()) == ["my_pad copies generate.left_pad"]
+    assert _copies(renamed, _kvlib_functions()) == ["my_pad copies generate.pad_prompts"]
     changed = renamed.replace("max(", "min(", 1)
     assert changed != renamed and _copies(changed, _kvlib_functions()) == []
 

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from kvlib.attention import attention
 from kvlib.cache import Cache, KVCache, KVCacheError
 from kvlib.config import tiny
-from kvlib.generate import generate, left_pad
+from kvlib.generate import generate, pad_prompts
 from kvlib.paged import (
     PAGED_METHODS,
     BlockAllocator,
@@ -506,7 +506,7 @@ def test_generate_same_tokens_as_kvcache(model, block_size):
 
 
 def test_generate_left_padded_same_tokens(model):
-    tokens, mask = left_pad([[1, 2, 3], [4, 5, 6, 7, 8, 9], [5]])
+    tokens, mask = pad_prompts([[1, 2, 3], [4, 5, 6, 7, 8, 9], [5]])
     want = generate(model, tokens, 10, attention_mask=mask)
     cache = PagedKVCache.from_config(model.config, 3, num_blocks=64, block_size=4)
     got = generate(model, tokens, 10, attention_mask=mask, cache=cache)
@@ -651,7 +651,7 @@ def test_model_decodes_through_attend_and_matches_kvcache(model, monkeypatch):
     monkeypatch.setattr(
         kvlib.paged, "paged_attention_fused", lambda *a: calls.append(1) or real(*a)
     )
-    tokens, mask = left_pad([[1, 2, 3], [4, 5, 6, 7, 8, 9]])
+    tokens, mask = pad_prompts([[1, 2, 3], [4, 5, 6, 7, 8, 9]])
     want = generate(model, tokens, 6, attention_mask=mask)
     cache = PagedKVCache.from_config(model.config, 2, num_blocks=16, block_size=4)
     got = generate(model, tokens, 6, attention_mask=mask, cache=cache)
@@ -692,7 +692,7 @@ def test_set_active_rejects_a_repeated_sequence():
 def test_out_of_blocks_on_a_padded_batch_leaves_no_padding(model):
     """The pool runs out while a left-padded prompt is written: padding, tables and the free
     list are all as before, and the next ordinary forward pass is right."""
-    tokens, mask = left_pad([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]])
+    tokens, mask = pad_prompts([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11, 12]])
     cache = PagedKVCache.from_config(model.config, 2, num_blocks=2, block_size=4)
     with pytest.raises(OutOfBlocksError, match="nothing was written"):
         model(tokens, cache, mask)

@@ -12,7 +12,7 @@ from kvlib.transformer import (
     RMSNorm,
     Transformer,
     apply_rope,
-    left_padding,
+    pad_lengths,
     position_ids,
     rope_tables,
 )
@@ -198,7 +198,7 @@ def test_position_ids_skip_padding():
 
 def test_left_padding_counts_leading_zeros():
     mask = torch.tensor([[1, 1, 1], [0, 1, 1], [0, 0, 1]])
-    assert left_padding(mask).tolist() == [0, 1, 2]
+    assert pad_lengths(mask).tolist() == [0, 1, 2]
 
 
 # ---- misuse ------------------------------------------------------------------------------------

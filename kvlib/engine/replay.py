@@ -17,7 +17,7 @@ import torch
 from kvlib.engine.core import Engine
 from kvlib.engine.request import SamplingParams
 from kvlib.engine.trace import TraceRequest, VirtualClock
-from kvlib.generate import generate, left_pad
+from kvlib.generate import generate, pad_prompts
 from kvlib.transformer import Transformer
 
 
@@ -59,7 +59,7 @@ def serve_static(
         while i < len(pending) and len(batch) < batch_size and pending[i].arrival <= clock.now:
             batch.append(pending[i])
             i += 1
-        tokens, mask = left_pad([list(r.prompt) for r in batch])  # (B, T) each
+        tokens, mask = pad_prompts([list(r.prompt) for r in batch])  # (B, T) each
         n = max(r.max_new_tokens for r in batch)
         memory.append((clock.now, len(batch) * (tokens.shape[1] + n)))
         times: list[list[float]] = [[] for _ in batch]

@@ -11,13 +11,13 @@ from kvlib.exercises import correct, expect
 
 def check_position_ids(positions: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """`positions(attention_mask)` -> (B, T) RoPE positions of a left-padded prompt."""
-    from kvlib.generate import left_pad
-    from kvlib.transformer import left_padding, position_ids
+    from kvlib.generate import pad_prompts
+    from kvlib.transformer import pad_lengths, position_ids
 
     cases = [[4, 4], [1, 5, 3], [2], [7, 1, 1, 6]]
     for lengths in cases:
-        _, mask = left_pad([[1] * n for n in lengths])
-        expected = position_ids(left_padding(mask), 0, mask.shape[1])
+        _, mask = pad_prompts([[1] * n for n in lengths])
+        expected = position_ids(pad_lengths(mask), 0, mask.shape[1])
         got = positions(mask)
         expect(isinstance(got, torch.Tensor), f"return a tensor, got {type(got).__name__}")
         expect(
@@ -45,9 +45,9 @@ def check_position_ids(positions: Callable[[torch.Tensor], torch.Tensor]) -> Non
 
 def check_padding_waste(waste: float, lengths: Sequence[int]) -> None:
     """Fraction of a left-padded batch's prompt slots that hold padding."""
-    from kvlib.generate import left_pad
+    from kvlib.generate import pad_prompts
 
-    _, mask = left_pad([[1] * n for n in lengths])
+    _, mask = pad_prompts([[1] * n for n in lengths])
     expected = 1.0 - mask.double().mean().item()
     expect(isinstance(waste, float), f"waste should be a float, got {type(waste).__name__}")
     expect(
