@@ -9,9 +9,9 @@ checks every import, those inside functions too, so there is no cycle and no upw
     0  errors  engine
     1  config  data  figures  metrics  notebook  paged_kernel  plots  timing  gpu  gpu.nvrtc
     1  quantize  engine.request  engine.radix  engine.trace
-    2  attention  rope  registry  flops  serving  gpu.kernels  quant_scheme  quant_kernel
+    2  attention  rope  registry  flops  serving  blocks  gpu.kernels  quant_scheme  quant_kernel
     2  engine.blocks
-    3  cache  memory  quant_attention  gpu.host
+    3  cache  memory  paged_attention  quant_attention  gpu.host
     4  paged  quant  eviction.base  roofline  gpu.roofline
     5  eviction.policies  transformer  paged_quant  gpu.emulate  engine.kv
     6  eviction  generate  chunked  hf  pretrained  engine.scheduler

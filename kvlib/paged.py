@@ -1,12 +1,7 @@
-"""Paged KV cache: a pool of fixed-size blocks, per-sequence block tables, paged attention.
+"""Paged KV cache: per-sequence block tables over a pool of fixed-size blocks.
 
-Memory is carved into blocks of `block_size` token slots, the way an operating system carves
-RAM into pages (Kwon et al. 2023, vLLM). One preallocated pool per layer for K and for V:
-
-    allocator.k_pool[layer], allocator.v_pool[layer]: (num_blocks, K, block_size, D)
-
-`k_pool[l][n, :, p]` is the key of one token, every kv head, in slot p of block n of layer l.
-A block id indexes every layer's pool: a sequence owns one block table, shared by the layers.
+The pool is a `kvlib.blocks.BlockAllocator`: per layer, k_pool and v_pool of shape (N, K, P, D),
+N blocks of P = block_size slots. A sequence owns one block table, shared by the layers.
 Token i of a sequence lives in block `table[i // block_size]`, slot `i % block_size`; the
 blocks of one sequence need not be adjacent, so memory is handed out one block at a time, as
 the sequence grows, and at most `block_size - 1` slots per sequence sit unused.
@@ -28,10 +23,9 @@ Sharing: `fork` gives a new sequence the same blocks (reference counts go up);
 the first write into a shared block copies it first (copy-on-write). Preemption:
 `swap_out` moves a sequence's blocks to CPU memory and frees them; `swap_in` brings them back.
 
-`paged_attention` reads K/V through block tables directly: a gather reference, a
-block-by-block version with an online softmax that never materializes a whole sequence, and a
-fused compiled loop (`kvlib.paged_kernel`) that reads the blocks in place.
-Softmax and its running sums are fp32; the output is cast back to the query dtype.
+`kvlib.paged_attention` reads K/V through block tables directly (gather, block by block, or
+the fused compiled loop); `BlockAllocator`, `paged_attention` and `gather_kv` are importable
+from here too.
 """
 
 from __future__ import annotations
@@ -41,197 +35,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvlib.attention import attention
+from kvlib.blocks import BlockAllocator, blocks_for
 from kvlib.cache import Cache, KVCacheError
-from kvlib.config import ModelConfig, dtype_bytes
-from kvlib.errors import (
-    KVLibIndexError,
-    KVLibTypeError,
-    KVLibValueError,
-    OutOfBlocksError,
-    UnknownNameError,
-    check_int,
-)
+from kvlib.config import ModelConfig
+from kvlib.errors import KVLibTypeError, OutOfBlocksError, UnknownNameError, check_int
+from kvlib.paged_attention import PAGED_METHODS, gather_kv, paged_attention
 from kvlib.paged_kernel import paged_attention_fused
 
-PAGED_METHODS = ("gather", "blocks", "fused")  # ways `paged_attention` reads the pool
-
-
-def _n_blocks(n_tokens: int, block_size: int) -> int:
-    """Blocks needed to hold n_tokens tokens."""
-    return -(-n_tokens // block_size)
-
-
-class BlockAllocator:
-    """A pool of `num_blocks` blocks of `block_size` slots, with a free list and refcounts.
-
-    A block is free exactly when its reference count is 0. `allocate` hands out the lowest
-    free ids first (reproducible pictures), `incref` adds a holder, `free` drops one and
-    returns the block to the free list when the last holder lets go.
-    """
-
-    def __init__(
-        self,
-        n_layers: int,
-        num_blocks: int,
-        block_size: int,
-        n_kv_heads: int,
-        head_dim: int,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        for name, value in (
-            ("n_layers", n_layers),
-            ("num_blocks", num_blocks),
-            ("block_size", block_size),
-            ("n_kv_heads", n_kv_heads),
-            ("head_dim", head_dim),
-        ):
-            check_int(name, value)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise KVLibTypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        self.n_layers = n_layers
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.n_kv_heads = n_kv_heads
-        self.head_dim = head_dim
-        self.dtype = dtype
-        self.device = torch.device(device)
-        shape = (num_blocks, n_kv_heads, block_size, head_dim)  # (num_blocks, K, block_size, D)
-        self.k_pool = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n_layers)]
-        self.v_pool = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(n_layers)]
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id
-        self._ref = [0] * num_blocks
-
-    @classmethod
-    def from_config(
-        cls,
-        config: ModelConfig,
-        num_blocks: int,
-        block_size: int = 16,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ) -> BlockAllocator:
-        """A pool shaped for `config`'s layers, kv heads and head dim."""
-        return cls(
-            config.n_layers,
-            num_blocks,
-            block_size,
-            config.n_kv_heads,
-            config.head_dim,
-            dtype=dtype,
-            device=device,
-        )
-
-    # ---- bookkeeping -------------------------------------------------------------------------
-    @property
-    def num_free(self) -> int:
-        """Blocks nobody holds."""
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        """Blocks held by at least one sequence."""
-        return self.num_blocks - len(self._free)
-
-    def refcount(self, block: int) -> int:
-        """How many block tables hold `block`."""
-        self._check_block(block)
-        return self._ref[block]
-
-    def free_blocks(self) -> list[int]:
-        """Ids of the free blocks, sorted."""
-        return sorted(self._free)
-
-    def allocate(self, n: int = 1) -> list[int]:
-        """Take n free blocks (refcount 1 each); all or nothing."""
-        check_int("number of blocks", n, low=0)
-        if n > len(self._free):
-            raise OutOfBlocksError(
-                f"need {n} blocks but only {len(self._free)} of {self.num_blocks} are free "
-                "(free or swap out a sequence, or make a larger pool)"
-            )
-        blocks = [self._free.pop() for _ in range(n)]
-        for b in blocks:
-            self._ref[b] = 1
-        return blocks
-
-    def incref(self, block: int) -> None:
-        """One more table holds `block` (it must be in use already)."""
-        self._check_block(block)
-        if self._ref[block] == 0:
-            raise KVLibValueError(f"block {block} is free; only a block in use can be shared")
-        self._ref[block] += 1
-
-    def free(self, block: int) -> None:
-        """One table lets go of `block`; at refcount 0 it returns to the free list."""
-        self._check_block(block)
-        if self._ref[block] == 0:
-            raise KVLibValueError(f"block {block} is already free (double free)")
-        self._ref[block] -= 1
-        if self._ref[block] == 0:
-            self._free.append(block)
-
-    def copy_block(self, src: int, dst: int) -> None:
-        """Copy every layer's K and V of block src into block dst (copy-on-write)."""
-        self._check_block(src)
-        self._check_block(dst)
-        for pool in self.k_pool + self.v_pool:
-            pool[dst] = pool[src]
-
-    def checkpoint(self) -> tuple[list[int], list[int]]:
-        """The free list and refcounts, to restore after a failed step (the pools' contents
-        need no copy: a step writes only into blocks it allocated or copied)."""
-        return list(self._free), list(self._ref)
-
-    def rollback(self, state: tuple[list[int], list[int]]) -> None:
-        """Return the free list and refcounts to `state` from `checkpoint()`."""
-        self._free, self._ref = list(state[0]), list(state[1])
-
-    def check_invariants(self) -> None:
-        """Raise AssertionError unless free list and refcounts agree."""
-        free = set(self._free)
-        assert len(free) == len(self._free), f"free list has duplicates: {self._free}"
-        for b in range(self.num_blocks):
-            assert self._ref[b] >= 0, f"block {b} has negative refcount {self._ref[b]}"
-            assert (self._ref[b] == 0) == (b in free), (
-                f"block {b}: refcount {self._ref[b]} but {'in' if b in free else 'not in'} "
-                "the free list"
-            )
-
-    # ---- memory --------------------------------------------------------------------------------
-    @property
-    def block_nbytes(self) -> int:
-        """Bytes of one block over all layers, K and V."""
-        return (
-            2
-            * self.n_layers
-            * self.n_kv_heads
-            * self.block_size
-            * self.head_dim
-            * dtype_bytes(self.dtype)
-        )
-
-    @property
-    def nbytes_pool(self) -> int:
-        """Bytes of the whole preallocated pool."""
-        return self.num_blocks * self.block_nbytes
-
-    def _check_block(self, block: int) -> None:
-        check_int("block id", block, low=None)
-        if not 0 <= block < self.num_blocks:
-            raise KVLibIndexError(
-                f"block {block} out of range for a pool of {self.num_blocks} blocks"
-            )
-
-    def __repr__(self) -> str:
-        return (
-            f"BlockAllocator(L={self.n_layers}, num_blocks={self.num_blocks}, "
-            f"block_size={self.block_size}, K={self.n_kv_heads}, D={self.head_dim}, "
-            f"free={self.num_free})"
-        )
+__all__ = ["PAGED_METHODS", "BlockAllocator", "PagedKVCache", "gather_kv", "paged_attention"]
 
 
 @dataclass
@@ -348,7 +159,7 @@ class PagedKVCache(Cache):
         length = min(seq.lens)
         n = length if n_tokens is None else n_tokens
         check_int("n_tokens", n, low=0, high=length)
-        blocks = seq.blocks[: _n_blocks(n, self.block_size)]
+        blocks = seq.blocks[: blocks_for(n, self.block_size)]
         for b in blocks:
             self.allocator.incref(b)
         new_id = self.add_sequence()
@@ -489,7 +300,7 @@ class PagedKVCache(Cache):
                 )
             if new == old:
                 continue
-            n_blocks = _n_blocks(new, P)
+            n_blocks = blocks_for(new, P)
             need_new += max(n_blocks - len(seq.blocks), 0)
             for j in range(old // P, min(n_blocks, len(seq.blocks))):
                 if alloc.refcount(seq.blocks[j]) > 1:
@@ -593,9 +404,9 @@ class PagedKVCache(Cache):
         for b, seq_id in enumerate(self._active):
             seq = self._seqs[seq_id]
             keep = max(n - start[b], 0)
-            for blk in seq.blocks[_n_blocks(keep, self.block_size) :]:
+            for blk in seq.blocks[blocks_for(keep, self.block_size) :]:
                 self.allocator.free(blk)
-            del seq.blocks[_n_blocks(keep, self.block_size) :]
+            del seq.blocks[blocks_for(keep, self.block_size) :]
             seq.lens = [keep] * self.n_layers
             start[b] = n - keep
         self._start = torch.tensor(start, dtype=torch.long, device=self.device)
@@ -644,181 +455,3 @@ class PagedKVCache(Cache):
             f"block_size={self.block_size}, seq_len={self.seq_len}, "
             f"blocks_used={self.allocator.num_used}/{self.allocator.num_blocks})"
         )
-
-
-# ---- paged attention ----------------------------------------------------------------------------
-def _check_paged_args(
-    q: torch.Tensor,
-    pool: BlockAllocator,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    layer: int,
-) -> None:
-    if not isinstance(pool, BlockAllocator):
-        raise KVLibTypeError(f"pool must be a BlockAllocator, got {type(pool).__name__}")
-    check_int("layer", layer, low=None)
-    if not 0 <= layer < pool.n_layers:
-        raise KVLibIndexError(f"layer must be an int in [0, {pool.n_layers}), got {layer!r}")
-    if not isinstance(q, torch.Tensor) or q.ndim != 4:
-        raise KVLibValueError(f"q must be a (B, H, T, D) tensor, got {getattr(q, 'shape', q)!r}")
-    B, H, T, D = q.shape
-    if D != pool.head_dim or H % pool.n_kv_heads:
-        raise KVLibValueError(
-            f"q has H={H}, D={D}; the pool holds K={pool.n_kv_heads} kv heads of "
-            f"D={pool.head_dim} (H must be a multiple of K)"
-        )
-    if q.dtype != pool.dtype:
-        raise KVLibTypeError(f"q has dtype {q.dtype}, the pool holds {pool.dtype}")
-    if block_tables.ndim != 2 or block_tables.shape[0] != B or block_tables.dtype.is_floating_point:
-        raise KVLibValueError(
-            f"block_tables must be an integer (B={B}, M) tensor, got "
-            f"{tuple(block_tables.shape)} {block_tables.dtype}"
-        )
-    if seq_lens.shape != (B,) or seq_lens.dtype.is_floating_point:
-        raise KVLibValueError(
-            f"seq_lens must be an integer ({B},) tensor, got {tuple(seq_lens.shape)} "
-            f"{seq_lens.dtype}"
-        )
-    lo, hi = seq_lens.aminmax()
-    if lo.item() < T:
-        raise KVLibValueError(
-            f"every sequence must hold its {T} query tokens, got seq_lens={seq_lens.tolist()}"
-        )
-    P, M = pool.block_size, block_tables.shape[1]
-    if hi.item() > M * P:
-        raise KVLibValueError(
-            f"seq_lens {seq_lens.tolist()} exceed the {M} blocks x {P} slots of block_tables"
-        )
-    n_blocks = -(-hi.item() // P)  # columns of the table that hold tokens
-    needed = torch.arange(n_blocks, device=block_tables.device)[None, :] * P < seq_lens[:, None]
-    ids = block_tables[:, :n_blocks]  # (B, n_blocks)
-    outside = (ids < 0) | (ids >= pool.num_blocks)
-    if bool((outside & needed).any()):
-        raise KVLibIndexError(
-            f"block_tables name blocks outside [0, {pool.num_blocks}) where tokens are expected"
-        )
-
-
-def _gather_blocks(pool: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """pool (N, K, P, D) of one layer, ids (B, c) block ids -> (B, K, c*P, D), copied once.
-
-    The pool is seen as N*K rows of (P, D) (block n, kv head h is row n*K + h), so one
-    index per block and head lays the blocks out straight in the cache layout.
-    """
-    N, K, P, D = pool.shape
-    B, c = ids.shape
-    heads = torch.arange(K, device=ids.device)  # (K,)
-    rows = (ids[:, None, :] * K + heads[None, :, None]).reshape(-1)  # (B*K*c,) ordered (b, h, j)
-    return pool.reshape(N * K, P, D).index_select(0, rows).view(B, K, c * P, D)  # (B, K, c*P, D)
-
-
-def gather_kv(
-    pool: BlockAllocator, block_tables: torch.Tensor, seq_lens: torch.Tensor, layer: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Copy each sequence's K/V out of the pool: (B, K, S, D) each, S = max(seq_lens).
-
-    Row b's tokens sit left-aligned in slots [0, seq_lens[b]); also returns the (B, S) bool
-    mask of those slots. Positions past a row's length read block 0 and are masked.
-    Whole blocks are gathered (one index per block and kv head, not per token), straight
-    into the (B, K, S, D) layout.
-    """
-    B, M = block_tables.shape
-    P = pool.block_size
-    S = int(seq_lens.max())
-    if S > M * P:
-        raise KVLibValueError(
-            f"seq_lens up to {S} exceed the {M} blocks x {P} slots of block_tables; "
-            "expected max(seq_lens) <= M * block_size"
-        )
-    ids = block_tables.clamp(min=0)  # (B, M), -1 (no block) reads block 0
-    k = _gather_blocks(pool.k_pool[layer], ids)[:, :, :S]  # (B, K, S, D)
-    v = _gather_blocks(pool.v_pool[layer], ids)[:, :, :S]  # (B, K, S, D)
-    r = torch.arange(S, device=block_tables.device)  # (S,)
-    valid = r[None, :] < seq_lens[:, None]  # (B, S)
-    return k, v, valid
-
-
-def paged_attention(
-    q: torch.Tensor,
-    pool: BlockAllocator,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    layer: int,
-    *,
-    scale: float | None = None,
-    method: str = "blocks",
-    blocks_per_step: int = 1,
-) -> torch.Tensor:
-    """Attention of each sequence's last T tokens over its cached K/V, read through block tables.
-
-    q: (B, H, T, D), the queries of tokens [seq_lens[b] - T, seq_lens[b]) of row b, whose
-    keys are already in the pool; block_tables: (B, M) ids (-1 past the end); seq_lens: (B,).
-    Causal: query t of row b sees positions <= seq_lens[b] - T + t. Returns (B, H, T, D).
-
-    method="gather": copy K/V into (B, K, S, D) and call `kvlib.attention.attention`
-    (the reference). method="fused": one compiled CPU loop (`kvlib.paged_kernel`, float32)
-    that reads each block where it lies in the pool; nothing is copied. method="blocks":
-    visit one block at a time with an online softmax (running max m, running denominator l,
-    fp32 accumulator), never holding more than one block of K/V. GQA: the G query heads of a
-    kv head share its blocks. blocks_per_step > 1 makes "blocks" visit that many blocks per
-    step (fewer, larger steps: less per-step overhead, while each gathered group still fits in
-    the processor's cache).
-    """
-    if method not in PAGED_METHODS:
-        raise KVLibValueError(f"method must be one of {PAGED_METHODS}, got {method!r}")
-    check_int("blocks_per_step", blocks_per_step)
-    _check_paged_args(q, pool, block_tables, seq_lens, layer)
-    B, H, T, D = q.shape
-    K = pool.n_kv_heads
-    G = H // K
-    P = pool.block_size
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    if method == "fused":
-        return paged_attention_fused(
-            q, pool.k_pool[layer], pool.v_pool[layer], block_tables, seq_lens, scale
-        )
-    dev = q.device
-    q_pos = seq_lens[:, None] - T + torch.arange(T, device=dev)[None, :]  # (B, T)
-
-    if method == "gather":
-        k, v, valid = gather_kv(pool, block_tables, seq_lens, layer)  # (B, K, S, D), (B, S)
-        S = k.shape[2]
-        if T == 1 and int(seq_lens.min()) == S:
-            return attention(q, k, v, None, scale=scale)  # one query per row sees every key
-        k_pos = torch.arange(S, device=dev)  # (S,)
-        mask = valid[:, None, :] & (k_pos[None, None, :] <= q_pos[:, :, None])  # (B, T, S)
-        return attention(q, k, v, mask[:, None], scale=scale)  # (B, H, T, D)
-
-    qg = q.reshape(B, K, G * T, D).float()  # (B, K, G*T, D): rows ordered (g, t)
-    q_pos_g = q_pos[:, None, :].expand(B, G, T).reshape(B, 1, G * T, 1)  # (B, 1, G*T, 1)
-    m = torch.full((B, K, G * T), float("-inf"), device=dev)  # running max
-    l = torch.zeros((B, K, G * T), device=dev)  # running softmax denominator
-    acc = torch.zeros((B, K, G * T, D), device=dev)  # running numerator
-    k_pool, v_pool = pool.k_pool[layer], pool.v_pool[layer]
-    ids_all = block_tables.clamp(min=0)  # (B, M)
-    n_blocks = _n_blocks(int(seq_lens.max()), P)
-    # blocks [0, n_full) hold only keys every query of every row may see: no mask needed
-    n_full = max(int(seq_lens.min()) - T + 1, 0) // P
-    for j0 in range(0, n_blocks, blocks_per_step):
-        j1 = min(j0 + blocks_per_step, n_blocks)
-        kb = _gather_blocks(k_pool, ids_all[:, j0:j1]).float()  # (B, K, c*P, D), c = j1 - j0
-        vb = _gather_blocks(v_pool, ids_all[:, j0:j1]).float()  # (B, K, c*P, D)
-        s = (qg @ kb.transpose(-1, -2)) * scale  # (B, K, G*T, c*P)
-        if j1 <= n_full:
-            m_new = torch.maximum(m, s.amax(dim=-1))  # (B, K, G*T), finite from block 0 on
-            m_safe = m_new
-        else:
-            k_pos = j0 * P + torch.arange((j1 - j0) * P, device=dev)  # (c*P,)
-            visible = (k_pos[None, :] < seq_lens[:, None])[:, None, None, :] & (
-                k_pos[None, None, None, :] <= q_pos_g
-            )  # (B, 1, G*T, c*P)
-            s = s.masked_fill(~visible, float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1))  # (B, K, G*T)
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp(m - m_safe)  # rescales what was summed under the old max
-        p = torch.exp(s - m_safe[..., None])  # (B, K, G*T, c*P)
-        l = l * alpha + p.sum(dim=-1)
-        acc = acc * alpha[..., None] + p @ vb  # (B, K, G*T, D)
-        m = m_new
-    out = acc / l.clamp(min=torch.finfo(torch.float32).tiny)[..., None]  # (B, K, G*T, D)
-    return out.reshape(B, H, T, D).to(q.dtype)  # (B, H, T, D)

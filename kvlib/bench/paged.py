@@ -18,7 +18,7 @@ from kvlib.attention import attention
 from kvlib.bench.problems import decode_problem, paged_copy
 from kvlib.bench.report import fmt, target
 from kvlib.bench.section import Settings
-from kvlib.paged import paged_attention
+from kvlib.paged_attention import paged_attention
 from kvlib.timing import interleaved, median
 
 BLOCK_SIZES = (16, 128)  # kvlib's default block, and a large one (fewer, longer visits)

@@ -18,9 +18,9 @@ import math
 import torch
 
 from kvlib.attention import grouped_attention
+from kvlib.blocks import BlockAllocator
 from kvlib.config import ModelConfig
 from kvlib.errors import KVLibValueError, check_int
-from kvlib.paged import BlockAllocator
 
 REL_TOL = 1e-2  # max |out - ref| / max |ref| allowed against the fp32 reference
 

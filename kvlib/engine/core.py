@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvlib.blocks import BlockAllocator
 from kvlib.engine.blocks import BlockPool
 from kvlib.engine.kv import ATTENTION_METHODS, StepCache
 from kvlib.engine.request import Request, SamplingParams, Status
 from kvlib.engine.scheduler import Scheduler
 from kvlib.errors import KVLibError, KVLibTypeError, KVLibValueError, OutOfBlocksError
 from kvlib.generate import next_token
-from kvlib.paged import BlockAllocator
 from kvlib.transformer import Transformer
 
 

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import torch
 
+from kvlib.blocks import BlockAllocator
 from kvlib.cache import Cache
 from kvlib.errors import KVCacheError, check_int
-from kvlib.paged import BlockAllocator, paged_attention
+from kvlib.paged_attention import paged_attention
 
 ATTENTION_METHODS = ("fused", "gather")
 

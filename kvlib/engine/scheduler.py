@@ -30,11 +30,11 @@ from __future__ import annotations
 
 from collections import deque
 
+from kvlib.blocks import BlockAllocator
 from kvlib.engine.blocks import BlockPool
 from kvlib.engine.kv import swap_in, swap_out
 from kvlib.engine.request import Request, Status
 from kvlib.errors import KVLibValueError, check_bool, check_int
-from kvlib.paged import BlockAllocator
 
 PREEMPTION = ("recompute", "swap")
 
