@@ -7,7 +7,8 @@ Layers, lowest first. A module imports kvlib modules of lower layers only (tests
 checks every import, those inside functions too, so there is no cycle and no upward import):
 
     0  errors  engine
-    1  config  data  figures  metrics  notebook  paged_kernel  plots  timing  gpu  gpu.nvrtc
+    1  config  data  figures  metrics  notebook  online_softmax  paged_kernel  plots  timing
+    1  gpu  gpu.nvrtc
     1  quantize  engine.request  engine.radix  engine.trace
     2  attention  rope  registry  flops  serving  blocks  gpu.kernels  quant_scheme  quant_kernel
     2  engine.blocks

@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from kvlib.attention import _acc_dtype, _check_mask, _check_qkv
 from kvlib.cache import KVCacheError
 from kvlib.errors import KVLibTypeError, KVLibValueError, check_bool, check_int
+from kvlib.online_softmax import online_softmax_lse, online_softmax_result, online_softmax_step
 from kvlib.transformer import Transformer, check_tokens, pad_lengths
 
 # ---- online-softmax attention ------------------------------------------------------------------
@@ -85,9 +86,13 @@ def online_softmax_attention(
     acc = _acc_dtype(q.dtype)
 
     qg = q.to(acc).reshape(B, K, G * T, D)  # (B, K, G*T, D): a group's queries stacked as rows
-    row_max = torch.full((B, K, G, T), float("-inf"), dtype=acc, device=q.device)  # m
-    row_sum = torch.zeros((B, K, G, T), dtype=acc, device=q.device)  # l
-    numer = torch.zeros((B, K, G, T, D), dtype=acc, device=q.device)  # o, not yet divided by l
+    state = None  # the online softmax's running (max, sum, output), see kvlib.online_softmax
+    if S == 0:  # no keys: every row sees nothing
+        state = (
+            torch.full((B, K, G * T, 1), float("-inf"), dtype=acc, device=q.device),
+            torch.zeros((B, K, G * T, 1), dtype=acc, device=q.device),
+            torch.zeros((B, K, G * T, D), dtype=acc, device=q.device),
+        )  # m, l (B, K, G*T, 1); o (B, K, G*T, D)
     q_pos = torch.arange(S - T, S, device=q.device)  # (T,) absolute slot of each query
 
     for s0 in range(0, S, block_size):
@@ -106,23 +111,13 @@ def online_softmax_attention(
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
 
-        new_max = torch.maximum(row_max, scores.amax(dim=-1))  # (B, K, G, T)
-        # Rows that have seen only -inf so far keep m = -inf; shift them by 0 instead (no NaN).
-        shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-        alpha = torch.exp(row_max - shift)  # (B, K, G, T) rescales what was summed before
-        p = torch.exp(scores - shift[..., None])  # (B, K, G, T, s) unnormalized weights
-        row_sum = row_sum * alpha + p.sum(dim=-1)  # (B, K, G, T)
-        pv = p.reshape(B, K, G * T, s1 - s0) @ vb  # (B, K, G*T, D)
-        numer = numer * alpha[..., None] + pv.reshape(B, K, G, T, D)  # (B, K, G, T, D)
-        row_max = new_max
+        scores = scores.reshape(B, K, G * T, s1 - s0)  # (B, K, G*T, s)
+        state = online_softmax_step(state, scores, vb)
 
-    seen = row_sum > 0  # (B, K, G, T) rows with at least one visible key
-    out = numer / torch.where(seen, row_sum, torch.ones_like(row_sum))[..., None]
-    out = out.reshape(B, H, T, D).to(q.dtype)  # (B, H, T, D)
+    out = online_softmax_result(state).reshape(B, H, T, D).to(q.dtype)  # (B, H, T, D)
     if not return_lse:
         return out
-    lse = row_max + torch.log(row_sum)  # (B, K, G, T); -inf where nothing was visible
-    return out, lse.reshape(B, H, T)  # (B, H, T)
+    return out, online_softmax_lse(state).reshape(B, H, T)  # (B, H, T)
 
 
 # ---- chunked prefill ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from kvlib.attention import attention
 from kvlib.blocks import BlockAllocator, blocks_for
 from kvlib.errors import KVLibIndexError, KVLibTypeError, KVLibValueError, check_int
+from kvlib.online_softmax import online_softmax_result, online_softmax_step
 from kvlib.paged_kernel import paged_attention_fused
 
 PAGED_METHODS = ("gather", "blocks", "fused")  # ways `paged_attention` reads the pool
@@ -167,9 +168,7 @@ def paged_attention(
 
     qg = q.reshape(B, K, G * T, D).float()  # (B, K, G*T, D): rows ordered (g, t)
     q_pos_g = q_pos[:, None, :].expand(B, G, T).reshape(B, 1, G * T, 1)  # (B, 1, G*T, 1)
-    m = torch.full((B, K, G * T), float("-inf"), device=dev)  # running max
-    l = torch.zeros((B, K, G * T), device=dev)  # running softmax denominator
-    acc = torch.zeros((B, K, G * T, D), device=dev)  # running numerator
+    state = None  # the online softmax's running (max, sum, output), see kvlib.online_softmax
     k_pool, v_pool = pool.k_pool[layer], pool.v_pool[layer]
     ids_all = block_tables.clamp(min=0)  # (B, M)
     n_blocks = blocks_for(int(seq_lens.max()), P)
@@ -180,21 +179,12 @@ def paged_attention(
         kb = _gather_blocks(k_pool, ids_all[:, j0:j1]).float()  # (B, K, c*P, D), c = j1 - j0
         vb = _gather_blocks(v_pool, ids_all[:, j0:j1]).float()  # (B, K, c*P, D)
         s = (qg @ kb.transpose(-1, -2)) * scale  # (B, K, G*T, c*P)
-        if j1 <= n_full:
-            m_new = torch.maximum(m, s.amax(dim=-1))  # (B, K, G*T), finite from block 0 on
-            m_safe = m_new
-        else:
+        if j1 > n_full:  # a block some query may not see: mask it
             k_pos = j0 * P + torch.arange((j1 - j0) * P, device=dev)  # (c*P,)
             visible = (k_pos[None, :] < seq_lens[:, None])[:, None, None, :] & (
                 k_pos[None, None, None, :] <= q_pos_g
             )  # (B, 1, G*T, c*P)
             s = s.masked_fill(~visible, float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1))  # (B, K, G*T)
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp(m - m_safe)  # rescales what was summed under the old max
-        p = torch.exp(s - m_safe[..., None])  # (B, K, G*T, c*P)
-        l = l * alpha + p.sum(dim=-1)
-        acc = acc * alpha[..., None] + p @ vb  # (B, K, G*T, D)
-        m = m_new
-    out = acc / l.clamp(min=torch.finfo(torch.float32).tiny)[..., None]  # (B, K, G*T, D)
+        state = online_softmax_step(state, s, vb)
+    out = online_softmax_result(state)  # (B, K, G*T, D)
     return out.reshape(B, H, T, D).to(q.dtype)  # (B, H, T, D)

@@ -45,6 +45,7 @@ import torch
 
 from kvlib.attention import grouped_attention
 from kvlib.errors import KVLibValueError, check_int
+from kvlib.online_softmax import online_softmax_result, online_softmax_step
 
 DEFAULT_CHUNK = 1024  # tokens dequantized at a time: K * D fp32 numbers each, in the CPU's cache
 
@@ -86,39 +87,6 @@ class Chunk:
 
 
 Reader = Callable[[int, int], Chunk]  # read(a, b): keys or values of slots [a, b)
-
-
-def online_softmax_step(
-    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-    scores: torch.Tensor,
-    values: torch.Tensor | Chunk,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fold one chunk into the running (max m, sum l, output o) of an online softmax.
-
-    scores: fp32 (..., R, n), masked entries -inf; values: fp32 (..., n, D) or a `Chunk`;
-    state: None before the first chunk, else m, l (..., R, 1) and o (..., R, D) from the
-    previous step. The result after the last chunk gives `online_softmax_result(state)`.
-    """
-    chunk_max = scores.amax(dim=-1, keepdim=True)  # (..., R, 1)
-    if state is None:
-        m = chunk_max
-    else:
-        m = torch.maximum(state[0], chunk_max)  # (..., R, 1)
-    # a row that has seen only -inf so far keeps m = -inf; shift it by 0 instead (no NaN)
-    shift = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # (..., R, 1)
-    p = torch.exp(scores - shift)  # (..., R, n) unnormalised weights
-    chunk_sum = p.sum(dim=-1, keepdim=True)  # (..., R, 1)
-    chunk_out = values.weighted_sum(p) if isinstance(values, Chunk) else p @ values  # (..., R, D)
-    if state is None:
-        return m, chunk_sum, chunk_out
-    alpha = torch.exp(state[0] - shift)  # (..., R, 1) rescales what was summed before
-    return m, state[1] * alpha + chunk_sum, state[2] * alpha + chunk_out
-
-
-def online_softmax_result(state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """o / l: the attention output of the rows; a row that saw nothing visible gets zeros."""
-    _, l, o = state
-    return o / torch.where(l > 0, l, torch.ones_like(l))  # (..., R, D)
 
 
 def chunk_bounds(S: int, chunk_size: int, cuts: tuple[int, ...] = (), align: int = 1) -> list[int]:
@@ -183,7 +151,10 @@ def chunked_attention(
             m = m.reshape(bb, K, G, t, n) if h == H else m[:, :, None]
             scores = scores.reshape(B, K, G, T, b - a).masked_fill(~m, float("-inf"))
             scores = scores.reshape(B, K, G * T, b - a)  # (B, K, G*T, n)
-        state = online_softmax_step(state, scores, read_v(a, b))
+        values = read_v(a, b)
+        state = online_softmax_step(
+            state, scores, values.weighted_sum if isinstance(values, Chunk) else values
+        )
     if state is None:  # S = 0: nothing to attend to
         return torch.zeros_like(q)
     return online_softmax_result(state).reshape(B, H, T, D).to(q.dtype)  # (B, H, T, D)

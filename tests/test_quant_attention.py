@@ -7,13 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvlib.attention import causal_mask, grouped_attention
+from kvlib.online_softmax import online_softmax_result, online_softmax_step
 from kvlib.quant import SCHEMES, QuantizedKVCache, QuantScheme, kivi
 from kvlib.quant_attention import (
     Chunk,
     chunk_bounds,
     chunked_attention,
-    online_softmax_result,
-    online_softmax_step,
     reference_chunked_attention,
 )
 
