@@ -195,7 +195,8 @@ def format_report(result: dict) -> str:
             f"{fmt(r['ttft_p50']):>9} {fmt(r['ttft_p99']):>8} {fmt(r['tpot_p50']):>9} "
             f"{fmt(r['tpot_p99']):>8} {r['kv_peak']:>8} {fmt(r['kv_mean']):>8}"
         )
-    lines += format_targets(result["targets"])
+    if result["targets"]:
+        lines += format_targets(result["targets"])
     return "\n".join(lines)
 
 
