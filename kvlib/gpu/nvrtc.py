@@ -74,7 +74,7 @@ def ptxas_path() -> Path:
 
 
 def _check_arch(arch: int) -> None:
-    check_int("arch (80 for sm_80)", arch, low=None)
+    check_int("arch", arch, low=None)  # 80 for sm_80
     if arch < 75:
         raise KVLibValueError(f"arch {arch} is below 75: the kernels target sm_75 (T4) and newer")
 
