@@ -76,8 +76,6 @@ class PagedKVCache(Cache):
         self._seqs: dict[int, _Sequence] = {}
         self._next_id = 0
         self._active: list[int] = []
-        self._index_cache: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
-        self._tables_cache: tuple[tuple, torch.Tensor] | None = None
         self.set_active([self.add_sequence() for _ in range(batch_size)])
 
     @classmethod
@@ -268,17 +266,10 @@ class PagedKVCache(Cache):
         self._write(layer, k, v)
         lens = [self._seqs[i].lens[layer] for i in self._active]  # 0: a row of padding so far
         seq_lens = torch.tensor(lens, dtype=torch.long)  # (B,)
-        pool, tables, scale = self.allocator, self._active_tables(), 1.0 / math.sqrt(D)
+        pool, tables, scale = self.allocator, self.block_tables(), 1.0 / math.sqrt(D)
         return paged_attention_fused(
             q, pool.k_pool[layer], pool.v_pool[layer], tables, seq_lens, scale
         )  # (B, H, 1, D)
-
-    def _active_tables(self) -> torch.Tensor:
-        """`block_tables()`, rebuilt only when a table or the active batch changed."""
-        key = self._active_tables_key()
-        if self._tables_cache is None or self._tables_cache[0] != key:
-            self._tables_cache = (key, self.block_tables())  # the same for every layer of a step
-        return self._tables_cache[1]
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v (B, K, T, D) of the active rows in their blocks (the first half of update)."""
@@ -353,28 +344,19 @@ class PagedKVCache(Cache):
 
     def _gather(self, layer: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The active rows' first S view slots of `layer` as (B, K, S, D), padding zeroed."""
-        key = (S, self._active_tables_key())
-        if self._index_cache is None or self._index_cache[0] != key:
-            P = self.block_size
-            tables = self._active_tables().clamp(min=0)  # (B, M)
-            slots = torch.arange(S, device=self.device)  # (S,)
-            r = slots[None, :] - self._start[:, None]  # (B, S) token index in its sequence
-            valid = r >= 0  # (B, S)
-            r = r.clamp(min=0)
-            col = (r // P).clamp(max=tables.shape[1] - 1)  # (B, S)
-            blk = tables.gather(1, col)  # (B, S)
-            self._index_cache = (key, (blk, r % P, valid))
-        blk, off, valid = self._index_cache[1]
+        P = self.block_size
+        tables = self.block_tables().clamp(min=0)  # (B, M)
+        slots = torch.arange(S, device=self.device)  # (S,)
+        r = slots[None, :] - self._start[:, None]  # (B, S) token index in its sequence
+        valid = r >= 0  # (B, S)
+        r = r.clamp(min=0)
+        col = (r // P).clamp(max=tables.shape[1] - 1)  # (B, S)
+        blk, off = tables.gather(1, col), r % P  # (B, S) each: block id and slot of each token
         k, v = self._load(layer, blk, off)  # (B, S, K, D) each
         keep = valid[:, :, None, None]  # (B, S, 1, 1)
         k = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
         v = torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device))
         return k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)  # (B, K, S, D)
-
-    def _active_tables_key(self) -> tuple:
-        return tuple(tuple(self._seqs[i].blocks) for i in self._active) + (
-            tuple(self._start.tolist()),
-        )
 
     def checkpoint(self) -> dict:
         """Lengths, block tables and the pool's free list and refcounts (no K/V is copied)."""
