@@ -13,7 +13,7 @@ checks every import, those inside functions too, so there is no cycle and no upw
     2  attention  rope  registry  flops  serving  blocks  gpu.kernels  quant_scheme  quant_kernel
     2  engine.blocks
     3  cache  memory  paged_attention  quant_attention  gpu.host
-    4  paged  quant  eviction.base  roofline  gpu.roofline
+    4  kv_cache  paged  quant  eviction.base  roofline  gpu.roofline
     5  eviction.policies  transformer  paged_quant  gpu.emulate  engine.kv
     6  eviction  generate  chunked  hf  pretrained  engine.scheduler
     7  kvlib  train  checkpoints  bench  bench.report  bench.gpu_timing  engine.core
@@ -43,10 +43,11 @@ Shape letters, one meaning each, used in every shape comment:
 A chunk of a prompt is T (the query tokens of that call); a whole stream of token ids is (B, S).
 """
 
-from kvlib.cache import Cache, CacheFullError, ConcatKVCache, KVCache, KVCacheError
+from kvlib.cache import Cache
 from kvlib.config import ConfigError, ModelConfig
-from kvlib.errors import KVLibError
+from kvlib.errors import CacheFullError, KVCacheError, KVLibError
 from kvlib.generate import generate
+from kvlib.kv_cache import ConcatKVCache, KVCache
 from kvlib.pretrained import load_pretrained
 from kvlib.transformer import Transformer
 

@@ -42,8 +42,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from kvlib.attention import _acc_dtype, _check_mask, _check_qkv
-from kvlib.cache import KVCacheError
-from kvlib.errors import KVLibTypeError, KVLibValueError, check_bool, check_int
+from kvlib.errors import KVCacheError, KVLibTypeError, KVLibValueError, check_bool, check_int
 from kvlib.online_softmax import online_softmax_lse, online_softmax_result, online_softmax_step
 from kvlib.transformer import Transformer, check_tokens, pad_lengths
 

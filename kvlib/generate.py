@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kvlib.cache import Cache, KVCache
+from kvlib.cache import Cache
 from kvlib.errors import KVLibTypeError, KVLibValueError, check_int
+from kvlib.kv_cache import KVCache
 from kvlib.transformer import Transformer, check_tokens, pad_lengths
 
 # ---- batching helpers --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ D head dim, L layers, d_c MLA latent width, d_r MLA decoupled-RoPE key width):
     MLA               one latent c_kv and one RoPE key: d_c + d_r numbers, shared by all heads
 
 A cache of S tokens for B sequences holds B * S * L * (numbers per token per layer) elements,
-laid out (B, K, S, D) per layer for K and for V in `kvlib.cache.KVCache`; the formulas here
+laid out (B, K, S, D) per layer for K and for V in `kvlib.kv_cache.KVCache`; the formulas here
 count exactly what that layout allocates (a test compares them). Variants:
 
     sliding window W    the cache keeps the last W tokens: S is capped at W

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlib.blocks import BlockAllocator, blocks_for
-from kvlib.cache import Cache, KVCacheError
+from kvlib.cache import Cache
 from kvlib.config import ModelConfig
-from kvlib.errors import KVLibTypeError, OutOfBlocksError, UnknownNameError, check_int
+from kvlib.errors import KVCacheError, KVLibTypeError, OutOfBlocksError, UnknownNameError, check_int
 from kvlib.paged_attention import PAGED_METHODS, gather_kv, paged_attention
 from kvlib.paged_kernel import paged_attention_fused
 

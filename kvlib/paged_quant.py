@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from kvlib.cache import KVCacheError
 from kvlib.config import ModelConfig
-from kvlib.errors import KVLibTypeError
+from kvlib.errors import KVCacheError, KVLibTypeError
 from kvlib.paged import BlockAllocator, PagedKVCache
 from kvlib.quant import SCHEMES, _is_valid_mask
 from kvlib.quant_attention import DEFAULT_CHUNK, Chunk, chunk_bounds, chunked_attention

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from kvlib.cache import Cache, KVCacheError
+from kvlib.cache import Cache
 from kvlib.config import ModelConfig, dtype_bytes
-from kvlib.errors import KVLibTypeError, check_int
+from kvlib.errors import KVCacheError, KVLibTypeError, check_int
 from kvlib.quant_attention import DEFAULT_CHUNK, Chunk, chunk_bounds, chunked_attention
 from kvlib.quant_kernel import quant_decode_attention
 from kvlib.quant_scheme import (  # noqa: F401  (re-exported: the names chapters and tests import)

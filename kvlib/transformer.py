@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvlib.attention import causal_mask, grouped_attention, real_slots
-from kvlib.cache import Cache, KVCacheError, position_ids
+from kvlib.cache import Cache, position_ids
 from kvlib.config import ModelConfig
-from kvlib.errors import KVLibTypeError, KVLibValueError
+from kvlib.errors import KVCacheError, KVLibTypeError, KVLibValueError
 from kvlib.rope import apply_rope, rope_cos_sin, rope_tables
 
 # ---- building blocks ---------------------------------------------------------------------------

@@ -18,12 +18,14 @@ import kvlib.eviction
 import kvlib.paged
 import kvlib.paged_quant
 import kvlib.quant
-from kvlib.cache import Cache, CacheFullError, ConcatKVCache, KVCache, KVCacheError
+from kvlib.cache import Cache
 from kvlib.chunked import chunked_prefill
 from kvlib.config import tiny
 from kvlib.engine.kv import StepCache
+from kvlib.errors import CacheFullError, KVCacheError
 from kvlib.eviction import EvictionCache, FullCache, H2OCache, SinkCache, SlidingWindowCache
 from kvlib.generate import generate, pad_prompts, teacher_forced_logits
+from kvlib.kv_cache import ConcatKVCache, KVCache
 from kvlib.paged import PagedKVCache
 from kvlib.paged_quant import PagedQuantKVCache
 from kvlib.quant import QuantizedKVCache, kivi

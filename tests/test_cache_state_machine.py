@@ -19,7 +19,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from kvlib.cache import KVCacheError
+from kvlib.errors import KVCacheError
 from kvlib.paged import PagedKVCache
 from kvlib.paged_quant import PagedQuantKVCache
 from tests.models import model_for

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvlib.attention import attention, causal_mask, padding_mask, reference_attention
-from kvlib.cache import CacheFullError, KVCache, KVCacheError
 from kvlib.chunked import (
     allocation_profile,
     chunk_bounds,
@@ -16,7 +15,9 @@ from kvlib.chunked import (
     online_softmax_attention,
 )
 from kvlib.config import tiny
+from kvlib.errors import CacheFullError, KVCacheError
 from kvlib.generate import generate, pad_prompts
+from kvlib.kv_cache import KVCache
 from tests.models import model_for as make_model
 
 F64 = torch.float64

@@ -4,13 +4,13 @@ the scheduler's policies and the engine's errors."""
 import pytest
 import torch
 
-from kvlib.cache import KVCache
 from kvlib.engine.blocks import BlockPool, block_hash
 from kvlib.engine.core import Engine
 from kvlib.engine.kv import StepCache
 from kvlib.engine.request import SamplingParams
 from kvlib.errors import KVLibError, KVLibTypeError, KVLibValueError, OutOfBlocksError
 from kvlib.generate import generate
+from kvlib.kv_cache import KVCache
 from kvlib.paged import BlockAllocator
 from tests.models import CONFIGS, model_for
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvlib.attention import causal_mask, sliding_window_mask
-from kvlib.cache import CacheFullError, KVCache, KVCacheError
 from kvlib.config import tiny
+from kvlib.errors import CacheFullError, KVCacheError
 from kvlib.eviction import (
     EVICTION_POLICIES,
     EvictionCache,
@@ -20,6 +20,7 @@ from kvlib.eviction import (
     attention_received,
 )
 from kvlib.generate import teacher_forced_logits
+from kvlib.kv_cache import KVCache
 from kvlib.rope import apply_rope, rope_tables
 from tests.models import model_for as make_model
 

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from kvlib.cache import CacheFullError, ConcatKVCache, KVCache
 from kvlib.config import tiny
+from kvlib.errors import CacheFullError
 from kvlib.generate import filter_logits, generate, next_token
+from kvlib.kv_cache import ConcatKVCache, KVCache
 from tests.models import CONFIGS, model_for
 
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from kvlib.cache import KVCache
 from kvlib.config import ModelConfig
 from kvlib.generate import generate
 from kvlib.hf import (
@@ -13,6 +12,7 @@ from kvlib.hf import (
     from_hf_llama,
     hf_config,
 )
+from kvlib.kv_cache import KVCache
 
 transformers = pytest.importorskip("transformers")
 

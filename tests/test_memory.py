@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvlib.cache import KVCache
 from kvlib.config import dtype_bytes, tiny
 from kvlib.errors import UnknownNameError
+from kvlib.kv_cache import KVCache
 from kvlib.memory import (
     EXTRAS,
     GB,

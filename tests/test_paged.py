@@ -4,9 +4,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvlib.attention import attention
-from kvlib.cache import Cache, KVCache, KVCacheError
+from kvlib.cache import Cache
 from kvlib.config import tiny
+from kvlib.errors import KVCacheError
 from kvlib.generate import generate, pad_prompts
+from kvlib.kv_cache import KVCache
 from kvlib.paged import (
     PAGED_METHODS,
     BlockAllocator,

@@ -4,9 +4,8 @@ cache with the same scheme (same codes, same tokens), and the block operations."
 import pytest
 import torch
 
-from kvlib.cache import KVCacheError
 from kvlib.config import tiny
-from kvlib.errors import OutOfBlocksError
+from kvlib.errors import KVCacheError, OutOfBlocksError
 from kvlib.generate import generate
 from kvlib.paged_quant import PagedQuantKVCache, QuantBlockAllocator
 from kvlib.quant import FP8_HEADROOM, SCHEMES, QuantizedKVCache, QuantScheme

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvlib.cache import CacheFullError, ConcatKVCache, KVCache
 from kvlib.config import tiny
+from kvlib.errors import CacheFullError
+from kvlib.kv_cache import ConcatKVCache, KVCache
 from kvlib.transformer import (
     RMSNorm,
     Transformer,

@@ -15,9 +15,9 @@ import torch
 
 from kvlib.bench.problems import generation_config, model_125m
 from kvlib.bench.report import config_dict, fmt
-from kvlib.cache import KVCache
 from kvlib.config import ModelConfig
 from kvlib.errors import BenchError
+from kvlib.kv_cache import KVCache
 from kvlib.paged import PagedKVCache
 
 BUDGET_BYTES = 2**30

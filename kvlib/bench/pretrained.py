@@ -12,8 +12,8 @@ import torch
 
 from kvlib.bench.report import config_dict, fmt
 from kvlib.bench.section import Settings
-from kvlib.cache import KVCache
 from kvlib.generate import generate
+from kvlib.kv_cache import KVCache
 from kvlib.paged import PagedKVCache
 from kvlib.timing import interleaved, median
 

@@ -27,8 +27,8 @@ import os
 import torch
 
 from kvlib.bench.report import fmt, target
-from kvlib.cache import KVCache
 from kvlib.config import ModelConfig
+from kvlib.kv_cache import KVCache
 from kvlib.paged import PagedKVCache
 from kvlib.paged_quant import PagedQuantKVCache
 from kvlib.quant import SCHEMES, QuantizedKVCache

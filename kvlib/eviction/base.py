@@ -47,9 +47,9 @@ from typing import Literal
 import torch
 
 from kvlib.attention import causal_mask, grouped_weights
-from kvlib.cache import Cache, KVCacheError
+from kvlib.cache import Cache
 from kvlib.config import ModelConfig
-from kvlib.errors import KVLibTypeError, KVLibValueError, check_int
+from kvlib.errors import KVCacheError, KVLibTypeError, KVLibValueError, check_int
 from kvlib.rope import apply_rope, rope_tables
 
 Positions = Literal["cache", "original"]

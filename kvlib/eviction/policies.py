@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 
 from kvlib.attention import grouped_attention
-from kvlib.cache import CacheFullError, KVCacheError
-from kvlib.errors import KVLibValueError, check_int
+from kvlib.errors import CacheFullError, KVCacheError, KVLibValueError, check_int
 from kvlib.eviction.base import EvictionCache, attention_received
 
 

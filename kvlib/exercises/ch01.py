@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvlib.cache import ConcatKVCache, KVCache
 from kvlib.exercises import correct, expect
+from kvlib.kv_cache import ConcatKVCache, KVCache
 from kvlib.memory import get_model
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from kvlib.cache import KVCache
 from kvlib.chunked import (
     allocation_profile,
     chunk_bounds,
@@ -13,6 +12,7 @@ from kvlib.chunked import (
 )
 from kvlib.config import ModelConfig
 from kvlib.exercises import correct, expect
+from kvlib.kv_cache import KVCache
 from kvlib.notebook import within
 from kvlib.transformer import Transformer
 
