@@ -10,8 +10,8 @@ checks every import, those inside functions too, so there is no cycle and no upw
     1  config  data  figures  metrics  notebook  online_softmax  paged_kernel  plots  timing
     1  gpu  gpu.nvrtc
     1  quantize  engine.request  engine.radix  engine.trace
-    2  attention  rope  registry  flops  serving  blocks  gpu.kernels  quant_scheme  quant_kernel
-    2  engine.blocks
+    2  attention  rope  registry  flops  serving  preemption  blocks  quant_scheme  quant_kernel
+    2  gpu.kernels  engine.blocks
     3  cache  memory  paged_attention  quant_attention  gpu.host
     4  kv_cache  paged  quant  eviction.base  roofline  gpu.roofline
     5  eviction.policies  transformer  paged_quant  gpu.emulate  engine.kv

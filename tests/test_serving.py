@@ -7,6 +7,7 @@ import torch
 from kvlib.errors import KVLibTypeError, KVLibValueError, OutOfBlocksError
 from kvlib.generate import generate
 from kvlib.paged import PagedKVCache
+from kvlib.preemption import generate_paged
 from kvlib.serving import (
     SHAREGPT_MEAN_INPUT,
     SHAREGPT_MEAN_OUTPUT,
@@ -15,7 +16,6 @@ from kvlib.serving import (
     _first_fit,
     _reservation,
     fragmentation_study,
-    generate_paged,
     sharegpt_like_trace,
     simulate,
 )
