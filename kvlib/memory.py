@@ -94,6 +94,11 @@ class KVQuant:
     Each group of `group_size` consecutive numbers of one token's row shares a scale (and a
     zero point): fp16 scale + fp16 zero point is 4 bytes, the default. Bytes per number are
     bits / 8 + overhead_bytes / group_size.
+
+    This counts the bytes of any published format, including ones kvlib does not implement
+    (6-bit codes, fp16 scales). kvlib's own quantizer is `kvlib.quant_scheme.QuantScheme`, which
+    counts its bytes with `QuantScheme.bytes_per_token`; where the two describe the same format
+    they agree (tests/test_memory.py checks it).
     """
 
     bits: int

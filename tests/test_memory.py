@@ -416,3 +416,14 @@ def test_llama2_7b_on_a_t4_gets_about_2k_tokens_not_4k():
     assert max_context("Llama-2-7B", "H100-80") > max_context(
         "Llama-2-7B", get_gpu("H100-80").usable()
     )
+
+
+def test_kvquant_and_quantscheme_count_the_same_bytes_for_the_same_format():
+    from kvlib.quant_scheme import SCHEMES
+
+    config = get_model("Llama-3-8B")
+    L, K, D = config.n_layers, config.n_kv_heads, config.head_dim
+    int8 = SCHEMES["int8 per-token"]  # symmetric: one fp32 scale per token and head
+    assert int8.bytes_per_token(D, K, L) == kv_bytes_per_token(config, quant=KVQuant(8, D, 4))
+    int4 = SCHEMES["int4 per-token"]  # asymmetric: fp32 scale and zero point
+    assert int4.bytes_per_token(D, K, L) == kv_bytes_per_token(config, quant=KVQuant(4, D, 8))
