@@ -25,6 +25,7 @@ import torch
 
 from kvlib import paged
 from kvlib.errors import KVLibTypeError, KVLibValueError, check_int
+from kvlib.online_softmax import online_softmax_step
 
 WMMA_TILE = 16  # m16n16k16
 GEMM_BLOCK = 32  # gemm_wmma: a 32 x 32 block of C per thread block
@@ -43,6 +44,11 @@ def _np(name: str, x: Array, ndim: int) -> np.ndarray:
     if x.ndim != ndim:
         raise KVLibValueError(f"{name} must be {ndim}-D, got shape {x.shape}")
     return x
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to fp16 and back to fp32 (torch tensors)."""
+    return x.to(torch.float16).to(torch.float32)
 
 
 def round_fp16(x: Array) -> np.ndarray:
@@ -147,9 +153,7 @@ def paged_attention_partials(
                 q_pos = S - T + row % T  # (tile,)
                 real = row < rows
                 for split, (begin, end) in enumerate(ranges):
-                    m = np.full(tile, -np.inf, np.float32)  # running max
-                    l = np.zeros(tile, np.float32)  # running denominator
-                    o = np.zeros((tile, D), np.float32)  # running numerator
+                    state = None  # the online softmax's (m, l, o), see kvlib.online_softmax
                     for c0 in range(begin, end, chunk):
                         s = c0 + np.arange(chunk)  # (chunk,) key positions
                         ok = s < end
@@ -161,14 +165,14 @@ def paged_attention_partials(
                         sc = (Qt @ Kc.T) * scale  # (tile, chunk) fp32
                         vis = real[:, None] & ok[None, :] & (s[None, :] <= q_pos[:, None])
                         sc = np.where(vis, sc, np.float32(-np.inf))
-                        m_new = np.maximum(m, sc.max(axis=1))
-                        m_safe = np.where(np.isneginf(m_new), np.float32(0), m_new)
-                        alpha = np.exp(m - m_safe)  # rescales the earlier steps
-                        p = np.exp(sc - m_safe[:, None])  # (tile, chunk)
-                        l = l * alpha + p.sum(axis=1)
-                        p_mma = round_fp16(p) if round_p else p
-                        o = o * alpha[:, None] + p_mma @ Vc  # (tile, D)
-                        m = m_new
+                        Vt = torch.from_numpy(Vc)  # (chunk, D)
+                        # the WMMA kernel rounds P to fp16 for P @ V (its sum stays fp32)
+                        values = (lambda p, Vt=Vt: _fp16(p) @ Vt) if round_p else Vt
+                        state = online_softmax_step(state, torch.from_numpy(sc), values)
+                    if state is None:  # an empty partition: m = -inf, l = 0, o = 0 as set
+                        continue
+                    m, l, o = (x.numpy() for x in state)  # (tile, 1), (tile, 1), (tile, D)
+                    m, l = m[:, 0], l[:, 0]
                     for r in np.flatnonzero(real):
                         g, t = divmod(int(row[r]), T)
                         h = kvh * G + g
