@@ -10,17 +10,18 @@ the cache is read once, as contiguous attention reads it.
 
 The G query heads of kv head h and the T query tokens make G*T rows, r = g*T + t:
 
-    pass 1  for each block j:  blk = block_tables[b, j]
-                s[r, j*P + p] = scale * q[r] . k_pool[blk, h, p]        (G*T, S) scores
-    softmax causal mask (query t sits at slot S - T + t), max, exp, sum   fp32, in cache
-    pass 2  for each block j:  acc[r] += s[r, j*P + p] * v_pool[blk, h, p]
-    out[r] = acc[r] / sum[r]
+    pass 1 (compiled)  for each block j:  blk = block_tables[b, j]
+                           s[r, j*P + p] = scale * q[r] . k_pool[blk, h, p]   (G*T, S) scores
+                       a key after query t's slot (S - T + t), or past S, stays -inf
+    softmax (torch)    w = softmax(s) over the keys, in fp32
+    pass 2 (compiled)  for each block j:  out[r] += w[r, j*P + p] * v_pool[blk, h, p]
 
 Two passes rather than an online softmax: the (G*T, S) scores are D times smaller than the
 keys and stay in the processor's cache. vLLM's paged kernel does the same (all logits of a
 sequence in shared memory, one max, one sum); the GPU kernels of chapter 10 use the online
 softmax instead, because there a thread block cannot hold a long sequence's scores. The
-exponentials are plain `np.exp`, in fp32.
+softmax between the passes is torch's own, vectorized, in fp32: only the two reads through the
+block table need a compiled loop.
 
 float32 only: it is the dtype kvlib decodes in on the CPU. Shapes use kvlib's letters:
 q (B, H, T, D), one layer's pool (N, K, P, D), block_tables (B, M), seq_lens (B,).
@@ -44,51 +45,44 @@ numba.config.THREADING_LAYER = "workqueue"
 
 
 @numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _paged_decode(q, k_pool, v_pool, block_tables, seq_lens, scale, out):  # pragma: no cover
-    # q, out (B, K, G, T, D); k_pool, v_pool (N, K, P, D); block_tables (B, M); seq_lens (B,)
-    B, K, G, T, D = q.shape
+def _scores(q, k_pool, block_tables, seq_lens, T, scale, s):  # pragma: no cover - compiled
+    # q (B, K, G*T, D); k_pool (N, K, P, D); block_tables (B, M); seq_lens (B,);
+    # s (B, K, G*T, S) set to -inf by the caller: only the keys a query may see are written
+    B, K, rows, D = q.shape
     P = k_pool.shape[2]
-    rows = G * T  # (g, t) pairs, r = g*T + t
     for bh in numba.prange(B * K):  # one (sequence, kv head) per task
         b = bh // K
         h = bh % K
         S = seq_lens[b]
-        if S == 0:  # a row with no tokens yet (only padding): nothing to attend to, zeros out
-            out[b, h] = 0.0
-            continue
-        n_blocks = (S + P - 1) // P
-        qr = np.empty((rows, D), dtype=np.float32)  # the group's queries, pre-scaled
-        for r in range(rows):
-            for d in range(D):
-                qr[r, d] = q[b, h, r // T, r % T, d] * scale
-        s = np.empty((rows, S), dtype=np.float32)  # scores, then softmax weights
-        for j in range(n_blocks):  # pass 1: q . k, block by block, in place in the pool
+        for j in range((S + P - 1) // P):  # block by block, in place in the pool
             kb = k_pool[block_tables[b, j], h]  # (P, D) view, no copy
             for p in range(min(P, S - j * P)):
+                i = j * P + p  # the key's slot
                 for r in range(rows):
+                    if i > S - T + r % T:  # causal: query t sits at slot S - T + t
+                        continue
                     dot = np.float32(0.0)
                     for d in range(D):
-                        dot += qr[r, d] * kb[p, d]
-                    s[r, j * P + p] = dot
-        total = np.zeros(rows, dtype=np.float32)
-        for r in range(rows):  # softmax numerators exp(s - max) and their sum, in fp32
-            n_seen = S - T + r % T + 1  # causal: query t sits at slot S - T + t
-            mx = s[r, :n_seen].max()
-            for i in range(n_seen):
-                s[r, i] = np.exp(s[r, i] - mx)
-                total[r] += s[r, i]
-            s[r, n_seen:] = 0.0
-        acc = np.zeros((rows, D), dtype=np.float32)
-        for j in range(n_blocks):  # pass 2: weights . v, block by block
+                        dot += q[b, h, r, d] * kb[p, d]
+                    s[b, h, r, i] = dot * scale
+
+
+@numba.njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _weighted_sum(w, v_pool, block_tables, seq_lens, out):  # pragma: no cover - compiled
+    # w (B, K, G*T, S) softmax weights; v_pool (N, K, P, D); out (B, K, G*T, D) zeroed
+    B, K, rows, _ = w.shape
+    P, D = v_pool.shape[2], v_pool.shape[3]
+    for bh in numba.prange(B * K):
+        b = bh // K
+        h = bh % K
+        S = seq_lens[b]
+        for j in range((S + P - 1) // P):  # block by block, in place in the pool
             vb = v_pool[block_tables[b, j], h]  # (P, D) view, no copy
             for p in range(min(P, S - j * P)):
                 for r in range(rows):
-                    w = s[r, j * P + p]
+                    x = w[b, h, r, j * P + p]
                     for d in range(D):
-                        acc[r, d] += w * vb[p, d]
-        for r in range(rows):
-            for d in range(D):
-                out[b, h, r // T, r % T, d] = acc[r, d] / total[r]
+                        out[b, h, r, d] += x * vb[p, d]
 
 
 def paged_attention_fused(
@@ -119,16 +113,17 @@ def paged_attention_fused(
             )
     B, H, T, D = q.shape
     K = k_pool.shape[1]
-    qg = q.detach().reshape(B, K, H // K, T, D).contiguous()  # (B, K, G, T, D)
-    out = torch.empty_like(qg)  # (B, K, G, T, D)
+    G = H // K
+    qg = q.detach().reshape(B, K, G * T, D).contiguous()  # (B, K, G*T, D), rows r = g*T + t
+    tables = block_tables.detach().to(torch.int64).contiguous().numpy()
+    lens = seq_lens.detach().to(torch.int64).contiguous()
+    S = max(int(lens.max()), 1)
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    _paged_decode(
-        qg.numpy(),
-        k_pool.detach().contiguous().numpy(),
-        v_pool.detach().contiguous().numpy(),
-        block_tables.detach().to(torch.int64).contiguous().numpy(),
-        seq_lens.detach().to(torch.int64).contiguous().numpy(),
-        np.float32(scale),
-        out.numpy(),
-    )
+    scores = torch.full((B, K, G * T, S), float("-inf"), dtype=torch.float32)  # (B, K, G*T, S)
+    k = k_pool.detach().contiguous().numpy()
+    _scores(qg.numpy(), k, tables, lens.numpy(), T, np.float32(scale), scores.numpy())
+    weights = torch.softmax(scores, dim=-1)  # (B, K, G*T, S) fp32; a row of S = 0 is never read
+    out = torch.zeros(B, K, G * T, D, dtype=torch.float32)  # (B, K, G*T, D)
+    v = v_pool.detach().contiguous().numpy()
+    _weighted_sum(weights.numpy(), v, tables, lens.numpy(), out.numpy())
     return out.reshape(B, H, T, D)  # (B, H, T, D)
