@@ -76,6 +76,7 @@ class PagedKVCache(Cache):
         self._seqs: dict[int, _Sequence] = {}
         self._next_id = 0
         self._active: list[int] = []
+        self._tables: torch.Tensor | None = None  # block_tables(), until a table changes
         self.set_active([self.add_sequence() for _ in range(batch_size)])
 
     @classmethod
@@ -140,6 +141,7 @@ class PagedKVCache(Cache):
         lens = [min(self._seqs[i].lens) for i in ids]
         S = max(lens)
         self._active = ids
+        self._tables = None
         self.batch_size = len(ids)
         self._start = torch.tensor([S - n for n in lens], dtype=torch.long, device=self.device)
         self._len = [S] * self.n_layers
@@ -192,7 +194,7 @@ class PagedKVCache(Cache):
         v_cpu = [pool[idx].to("cpu") for pool in self.allocator.v_pool]
         for b in seq.blocks:
             self.allocator.free(b)
-        seq.blocks = []
+        seq.blocks = []  # an inactive sequence: the active tables are unchanged
         seq.swapped = (k_cpu, v_cpu)
 
     def swap_in(self, seq_id: int) -> None:
@@ -210,11 +212,17 @@ class PagedKVCache(Cache):
         seq.swapped = None
 
     def block_tables(self) -> torch.Tensor:
-        """(B, M) int64 block table of the active rows, padded with -1 (M = longest table)."""
-        tables = [self._seqs[i].blocks for i in self._active]
-        M = max(1, max(len(t) for t in tables))
-        padded = [t + [-1] * (M - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.long, device=self.device)  # (B, M)
+        """(B, M) int64 block table of the active rows, padded with -1 (M = longest table).
+
+        Built once and kept until a table changes (a block allocated or copied on write, a
+        crop, a reset, a rollback, another active batch): every layer of a step reads the same
+        tables. Treat it as read-only."""
+        if self._tables is None:
+            tables = [self._seqs[i].blocks for i in self._active]
+            M = max(1, max(len(t) for t in tables))
+            padded = [t + [-1] * (M - len(t)) for t in tables]
+            self._tables = torch.tensor(padded, dtype=torch.long, device=self.device)  # (B, M)
+        return self._tables
 
     # ---- the cache interface ---------------------------------------------------------------------
     def update(
@@ -314,8 +322,10 @@ class PagedKVCache(Cache):
                         alloc.copy_block(seq.blocks[j], fresh)
                         alloc.free(seq.blocks[j])
                         seq.blocks[j] = fresh
+                        self._tables = None
             if n_blocks > len(seq.blocks):
                 seq.blocks += alloc.allocate(n_blocks - len(seq.blocks))
+                self._tables = None
             for r in range(old, new):
                 rows.append(b)
                 cols.append(r + start[b] - pos)  # the token's index t in [0, T)
@@ -375,6 +385,7 @@ class PagedKVCache(Cache):
             for i, (blocks, lens, swapped) in state["seqs"].items()
         }
         self._active = list(state["active"])
+        self._tables = None
         self.batch_size = len(self._active)
         self._next_id = state["next_id"]
         self.allocator.rollback(state["pool"])
@@ -391,6 +402,7 @@ class PagedKVCache(Cache):
             del seq.blocks[blocks_for(keep, self.block_size) :]
             seq.lens = [keep] * self.n_layers
             start[b] = n - keep
+        self._tables = None
         self._start = torch.tensor(start, dtype=torch.long, device=self.device)
 
     def reset(self) -> None:
@@ -401,6 +413,7 @@ class PagedKVCache(Cache):
                 self.allocator.free(blk)
             seq.blocks = []
             seq.lens = [0] * self.n_layers
+        self._tables = None
         super().reset()
 
     # ---- memory ----------------------------------------------------------------------------------

@@ -705,3 +705,32 @@ def test_out_of_blocks_on_a_padded_batch_leaves_no_padding(model):
     with torch.no_grad():
         got, want = model(x, cache), model(x)
     assert (got - want).abs().max().item() < 1e-5
+
+
+def test_block_tables_follow_every_change_to_a_table():
+    """block_tables() is kept between calls: after every operation that changes a table it
+    must equal the tables rebuilt from each active sequence's own list."""
+
+    def check(cache):
+        tables = [cache.block_table(i) for i in cache.active]
+        M = max(1, max(len(t) for t in tables))
+        want = torch.tensor([t + [-1] * (M - len(t)) for t in tables])
+        assert torch.equal(cache.block_tables(), want), (cache.block_tables(), want)
+
+    cache = PagedKVCache(pool(num_blocks=32, block_size=4), batch_size=1)
+    append(cache, *kv(1, 6))
+    check(cache)
+    state = cache.checkpoint()
+    child = cache.fork(cache.active[0])
+    cache.set_active([cache.active[0], child])
+    check(cache)
+    append(cache, *kv(2, 1))  # both write into the shared last block: copy-on-write
+    check(cache)
+    append(cache, *kv(2, 3))  # a new block each
+    check(cache)
+    cache.crop(5)
+    check(cache)
+    cache.rollback(state)
+    check(cache)
+    cache.reset()
+    check(cache)
