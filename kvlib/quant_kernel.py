@@ -19,8 +19,12 @@ scale per kv head (FP8), the number being x = code_value * scale + zero:
 Both caches are handed over as a pool of blocks (a contiguous cache is a pool of one block per
 row): codes (N, K, P, D) uint8, scale and zero (N, K, P) fp32, block_tables (B, M), and per row
 the storage slot of its first token, the view slot it appears at, and its number of tokens.
-An FP8 code becomes a float32 by placing its bits (see `_kernels`), as `fp8_as_half` does with
-float16.
+An int8 code's value is the code as a float32; an FP8 code's is looked up in a 256-entry table.
+
+Each pass handles four query rows of a kv head at once (a GQA group; the rows are padded to a
+multiple of four): a token's codes are read and converted once and feed four dot products, or
+four running sums, so the loop does four multiply-adds per code it converts instead of one.
+This is register blocking, the idea at the heart of every fast matrix product.
 """
 
 from __future__ import annotations
@@ -31,58 +35,59 @@ import numba
 import numpy as np
 import torch
 
+from kvlib.quantize import FP8_IN_HALF, fp8_as_half
+
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}  # not "nnan"/"ninf": -inf scores stay
 
 
-FP8_IN_FP32 = 2.0**-120  # e4m3 bits s eeee mmm placed as float32 s 0000eeee mmm0...: value * this
+# The value of every e4m3 code, in fp32: the loop looks an FP8 code up (a 1 KB table that stays
+# in the L1 cache), the way the chunked read converts codes with `fp8_as_half`.
+FP8_VALUES = (fp8_as_half(torch.arange(256, dtype=torch.uint8)).float() / FP8_IN_HALF).numpy()
 
 
 def _kernels(fp8: bool):
-    """The two passes, compiled with the code conversion fixed: an int8 code's value, or an
-    FP8 code's e4m3 bits placed in a float32 (s eeee mmm -> sign bit, then the 7 bits at the
-    low end of the exponent and the top of the mantissa: the same number times 2**-120, normal
-    and subnormal alike, since float32's exponent bias exceeds e4m3's by 120)."""
+    """The two passes, compiled with the code conversion fixed: an int8 code is its value as a
+    float32, an FP8 code is looked up in `FP8_VALUES`."""
+    table = FP8_VALUES
 
-    @numba.njit(fastmath=_FASTMATH)
-    def load(c, x, xbits):  # pragma: no cover - compiled
-        # c (>= D,) uint8 codes -> x (D,) fp32 values (FP8: times FP8_IN_FP32); xbits: x's memory
+    @numba.njit(inline="always")
+    def value(code):  # pragma: no cover - compiled
+        # one uint8 code -> its fp32 value, converted in a register on its way into the sums
         if fp8:
-            for d in range(x.shape[0]):
-                u = np.uint32(c[d])
-                xbits[d] = ((u & np.uint32(0x80)) << np.uint32(24)) | (
-                    (u & np.uint32(0x7F)) << np.uint32(20)
-                )
-        else:
-            for d in range(x.shape[0]):
-                x[d] = np.float32(c[d])
+            return table[code]
+        return np.float32(code)
 
     @numba.njit(fastmath=_FASTMATH)
     def scores(q, codes, scale, zero, tables, first, view0, lens, out):  # pragma: no cover
-        # q (B, K, G, D) pre-scaled; codes (N, K, P, >= D): the first D bytes of a slot are its
-        # codes; scale, zero (N, K, P); out (B, K, G, S)
-        B, K, G, D = q.shape
+        # q (B, K, R, D) pre-scaled, R >= G a multiple of 4 (rows past G are zero); codes
+        # (N, K, P, >= D): the first D bytes of a slot are its codes; scale, zero (N, K, P);
+        # out (B, K, G, S): -inf where a row has no token
+        B, K, _, D = q.shape
+        G = out.shape[2]
         P = codes.shape[2]
-        xbits = np.empty(D, dtype=np.uint32)
-        x = xbits.view(np.float32)
-        qr = np.empty((G, D), dtype=np.float32)
-        qs = np.empty(G, dtype=np.float32)
         for b in range(B):
             for h in range(K):
-                for g in range(G):
-                    qs[g] = 0.0
-                    for d in range(D):
-                        qr[g, d] = q[b, h, g, d]
-                        qs[g] += q[b, h, g, d]
-                for j in range(lens[b]):
-                    s = first[b] + j  # storage slot of the row's j-th token
-                    blk, off = tables[b, s // P], s % P
-                    load(codes[blk, h, off], x, xbits)
-                    sc, z = scale[blk, h, off], zero[blk, h, off]
-                    for g in range(G):
-                        dot = np.float32(0.0)
-                        for d in range(D):
-                            dot += qr[g, d] * x[d]
-                        out[b, h, g, view0[b] + j] = dot * sc + qs[g] * z
+                for g0 in range(0, G, 4):  # four query rows share each code's conversion
+                    n = min(4, G - g0)  # rows of this group that exist
+                    q0, q1, q2, q3 = q[b, h, g0], q[b, h, g0 + 1], q[b, h, g0 + 2], q[b, h, g0 + 3]
+                    zq = (q0.sum(), q1.sum(), q2.sum(), q3.sum())
+                    out[b, h, g0 : g0 + n, : view0[b]] = -np.inf
+                    out[b, h, g0 : g0 + n, view0[b] + lens[b] :] = -np.inf
+                    for j in range(lens[b]):
+                        s = first[b] + j  # storage slot of the row's j-th token
+                        blk, off = tables[b, s // P], s % P
+                        c = codes[blk, h, off]
+                        a0 = a1 = a2 = a3 = np.float32(0.0)
+                        for d in range(D):  # one pass over the codes, four dot products
+                            x = value(c[d])
+                            a0 += q0[d] * x
+                            a1 += q1[d] * x
+                            a2 += q2[d] * x
+                            a3 += q3[d] * x
+                        sc, z = scale[blk, h, off], zero[blk, h, off]
+                        dots = (a0, a1, a2, a3)
+                        for r in range(n):
+                            out[b, h, g0 + r, view0[b] + j] = dots[r] * sc + zq[r] * z
 
     @numba.njit(fastmath=_FASTMATH)
     def weighted(p, codes, scale, zero, tables, first, view0, lens, out):  # pragma: no cover
@@ -90,28 +95,38 @@ def _kernels(fp8: bool):
         B, K, G, S = p.shape
         D = out.shape[3]
         P = codes.shape[2]
-        xbits = np.empty(D, dtype=np.uint32)
-        x = xbits.view(np.float32)
-        acc = np.empty((G, D), dtype=np.float32)
-        zs = np.empty(G, dtype=np.float32)
+        acc = np.empty((4, D), dtype=np.float32)  # four rows' weighted sums of codes
         for b in range(B):
             for h in range(K):
-                acc[:] = 0.0
-                zs[:] = 0.0
-                for j in range(lens[b]):
-                    s = first[b] + j
-                    blk, off = tables[b, s // P], s % P
-                    load(codes[blk, h, off], x, xbits)
-                    sc, z = scale[blk, h, off], zero[blk, h, off]
-                    for g in range(G):
-                        w = p[b, h, g, view0[b] + j]
-                        ws = w * sc
-                        zs[g] += w * z
+                for g0 in range(0, G, 4):  # four query rows share each code's conversion
+                    n = min(4, G - g0)
+                    acc[:] = 0.0
+                    z0 = z1 = z2 = z3 = np.float32(0.0)  # the rows' weighted zero points
+                    for j in range(lens[b]):
+                        s = first[b] + j
+                        blk, off = tables[b, s // P], s % P
+                        c = codes[blk, h, off]
+                        sc, z = scale[blk, h, off], zero[blk, h, off]
+                        t = view0[b] + j
+                        w0 = p[b, h, g0, t]
+                        w1 = p[b, h, g0 + 1, t] if n > 1 else np.float32(0.0)
+                        w2 = p[b, h, g0 + 2, t] if n > 2 else np.float32(0.0)
+                        w3 = p[b, h, g0 + 3, t] if n > 3 else np.float32(0.0)
+                        z0 += w0 * z
+                        z1 += w1 * z
+                        z2 += w2 * z
+                        z3 += w3 * z
+                        w0, w1, w2, w3 = w0 * sc, w1 * sc, w2 * sc, w3 * sc
+                        for d in range(D):  # one pass over the codes, four rows updated
+                            x = value(c[d])
+                            acc[0, d] += w0 * x
+                            acc[1, d] += w1 * x
+                            acc[2, d] += w2 * x
+                            acc[3, d] += w3 * x
+                    zs = (z0, z1, z2, z3)
+                    for r in range(n):
                         for d in range(D):
-                            acc[g, d] += ws * x[d]
-                for g in range(G):
-                    for d in range(D):
-                        out[b, h, g, d] = acc[g, d] + zs[g]
+                            out[b, h, g0 + r, d] = acc[r, d] + zs[r]
 
     return scores, weighted
 
@@ -143,12 +158,11 @@ def quant_decode_attention(
     K = k[0].shape[1]
     G = H // K
     S = int((view0 + lens).max()) if B else 0
-    qg = (q.float() * (1.0 / math.sqrt(D))).reshape(B, K, G, D).contiguous()  # (B, K, G, D)
-    scores = torch.full((B, K, G, S), float("-inf"), dtype=torch.float32)  # (B, K, G, S)
+    R = -(-G // 4) * 4  # query rows rounded up to the loops' groups of four
+    qg = torch.zeros(B, K, R, D, dtype=torch.float32)  # (B, K, R, D), rows past G stay zero
+    qg[:, :, :G] = q.float().reshape(B, K, G, D) * (1.0 / math.sqrt(D))
+    scores = torch.empty(B, K, G, S, dtype=torch.float32)  # (B, K, G, S)
     args = [block_tables.numpy(), first.numpy(), view0.numpy(), lens.numpy()]
-    if fp8:  # the loop's FP8 values are the numbers times FP8_IN_FP32
-        k = (k[0], k[1] / FP8_IN_FP32, k[2])
-        v = (v[0], v[1] / FP8_IN_FP32, v[2])
     scores_pass(qg.numpy(), *(t.numpy() for t in k), *args, scores.numpy())
     p = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # (B, K, G, S); a row of no tokens: 0
     out = torch.empty(B, K, G, D, dtype=torch.float32)  # (B, K, G, D)
