@@ -19,7 +19,8 @@ scale per kv head (FP8), the number being x = code_value * scale + zero:
 Both caches are handed over as a pool of blocks (a contiguous cache is a pool of one block per
 row): codes (N, K, P, D) uint8, scale and zero (N, K, P) fp32, block_tables (B, M), and per row
 the storage slot of its first token, the view slot it appears at, and its number of tokens.
-An int8 code's value is the code as a float32; an FP8 code's is looked up in a 256-entry table.
+An int8 code's value is the code as a float32; an FP8 code becomes a float32 by placing its
+bits (see `_kernels`), as `fp8_as_half` does with float16.
 
 Each pass handles four query rows of a kv head at once (a GQA group; the rows are padded to a
 multiple of four): a token's codes are read and converted once and feed four dot products, or
@@ -35,27 +36,36 @@ import numba
 import numpy as np
 import torch
 
-from kvlib.quantize import FP8_IN_HALF, fp8_as_half
-
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}  # not "nnan"/"ninf": -inf scores stay
 
 
-# The value of every e4m3 code, in fp32: the loop looks an FP8 code up (a 1 KB table that stays
-# in the L1 cache), the way the chunked read converts codes with `fp8_as_half`.
-FP8_VALUES = (fp8_as_half(torch.arange(256, dtype=torch.uint8)).float() / FP8_IN_HALF).numpy()
+FP8_IN_FP32 = 2.0**-120  # e4m3 bits s eeee mmm placed as float32 s 0000eeee mmm0...: value * this
 
 
 def _kernels(fp8: bool):
-    """The two passes, compiled with the code conversion fixed: an int8 code is its value as a
-    float32, an FP8 code is looked up in `FP8_VALUES`."""
-    table = FP8_VALUES
+    """The two passes, compiled with the code conversion fixed. An int8 code's value is the code
+    as a float32, converted in a register on its way into the sums. An FP8 code's e4m3 bits are
+    first placed in a float32 (s eeee mmm -> the sign bit, then the 7 bits at the low end of the
+    exponent and the top of the mantissa: the same number times 2**-120, normal and subnormal
+    alike, since float32's exponent bias exceeds e4m3's by 120), a token's D codes at a time,
+    into a small buffer that stays in the L1 cache."""
 
     @numba.njit(inline="always")
-    def value(code):  # pragma: no cover - compiled
-        # one uint8 code -> its fp32 value, converted in a register on its way into the sums
+    def place(c, xbits):  # pragma: no cover - compiled
+        # FP8 only: c (>= D,) uint8 e4m3 codes -> xbits (D,) their bits as float32 (* 2**-120)
         if fp8:
-            return table[code]
-        return np.float32(code)
+            for d in range(xbits.shape[0]):
+                u = np.uint32(c[d])
+                xbits[d] = ((u & np.uint32(0x80)) << np.uint32(24)) | (
+                    (u & np.uint32(0x7F)) << np.uint32(20)
+                )
+
+    @numba.njit(inline="always")
+    def value(c, x, d):  # pragma: no cover - compiled
+        # code d's fp32 value: the placed FP8 number, or the int8 code cast in a register
+        if fp8:
+            return x[d]
+        return np.float32(c[d])
 
     @numba.njit(fastmath=_FASTMATH)
     def scores(q, codes, scale, zero, tables, first, view0, lens, out):  # pragma: no cover
@@ -65,6 +75,8 @@ def _kernels(fp8: bool):
         B, K, _, D = q.shape
         G = out.shape[2]
         P = codes.shape[2]
+        xbits = np.empty(D, dtype=np.uint32)
+        x = xbits.view(np.float32)
         for b in range(B):
             for h in range(K):
                 for g0 in range(0, G, 4):  # four query rows share each code's conversion
@@ -77,13 +89,14 @@ def _kernels(fp8: bool):
                         s = first[b] + j  # storage slot of the row's j-th token
                         blk, off = tables[b, s // P], s % P
                         c = codes[blk, h, off]
+                        place(c, xbits)
                         a0 = a1 = a2 = a3 = np.float32(0.0)
                         for d in range(D):  # one pass over the codes, four dot products
-                            x = value(c[d])
-                            a0 += q0[d] * x
-                            a1 += q1[d] * x
-                            a2 += q2[d] * x
-                            a3 += q3[d] * x
+                            xd = value(c, x, d)
+                            a0 += q0[d] * xd
+                            a1 += q1[d] * xd
+                            a2 += q2[d] * xd
+                            a3 += q3[d] * xd
                         sc, z = scale[blk, h, off], zero[blk, h, off]
                         dots = (a0, a1, a2, a3)
                         for r in range(n):
@@ -95,6 +108,8 @@ def _kernels(fp8: bool):
         B, K, G, S = p.shape
         D = out.shape[3]
         P = codes.shape[2]
+        xbits = np.empty(D, dtype=np.uint32)
+        x = xbits.view(np.float32)
         acc = np.empty((4, D), dtype=np.float32)  # four rows' weighted sums of codes
         for b in range(B):
             for h in range(K):
@@ -106,6 +121,7 @@ def _kernels(fp8: bool):
                         s = first[b] + j
                         blk, off = tables[b, s // P], s % P
                         c = codes[blk, h, off]
+                        place(c, xbits)
                         sc, z = scale[blk, h, off], zero[blk, h, off]
                         t = view0[b] + j
                         w0 = p[b, h, g0, t]
@@ -118,11 +134,11 @@ def _kernels(fp8: bool):
                         z3 += w3 * z
                         w0, w1, w2, w3 = w0 * sc, w1 * sc, w2 * sc, w3 * sc
                         for d in range(D):  # one pass over the codes, four rows updated
-                            x = value(c[d])
-                            acc[0, d] += w0 * x
-                            acc[1, d] += w1 * x
-                            acc[2, d] += w2 * x
-                            acc[3, d] += w3 * x
+                            xd = value(c, x, d)
+                            acc[0, d] += w0 * xd
+                            acc[1, d] += w1 * xd
+                            acc[2, d] += w2 * xd
+                            acc[3, d] += w3 * xd
                     zs = (z0, z1, z2, z3)
                     for r in range(n):
                         for d in range(D):
@@ -162,6 +178,9 @@ def quant_decode_attention(
     qg = torch.zeros(B, K, R, D, dtype=torch.float32)  # (B, K, R, D), rows past G stay zero
     qg[:, :, :G] = q.float().reshape(B, K, G, D) * (1.0 / math.sqrt(D))
     scores = torch.empty(B, K, G, S, dtype=torch.float32)  # (B, K, G, S)
+    if fp8:  # the loop's FP8 values are the numbers times FP8_IN_FP32
+        k = (k[0], k[1] / FP8_IN_FP32, k[2])
+        v = (v[0], v[1] / FP8_IN_FP32, v[2])
     args = [block_tables.numpy(), first.numpy(), view0.numpy(), lens.numpy()]
     scores_pass(qg.numpy(), *(t.numpy() for t in k), *args, scores.numpy())
     p = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # (B, K, G, S); a row of no tokens: 0
