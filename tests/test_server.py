@@ -306,6 +306,26 @@ def test_stopping_the_loop_ends_open_streams_with_abort():
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
 
 
+def test_a_failing_engine_aborts_its_streams_and_refuses_new_requests():
+    engine = engine_for(MODEL)
+    step = engine.step
+
+    def failing_step():
+        if engine.num_steps == 3:
+            raise RuntimeError("a bug in the engine")
+        return step()
+
+    engine.step = failing_step
+    with serving(engine) as (url, app):
+        body = dict(model=NAME, prompt="A fool", max_tokens=20, stream=True, ignore_eos=True)
+        r = httpx.post(f"{url}/completions", json=body, timeout=30)
+        events = [e for e in r.text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]" and '"finish_reason": "abort"' in events[-2]
+        assert len(events) == 3 + 2, events  # three tokens, the abort, [DONE]
+        r = httpx.post(f"{url}/completions", json=dict(model=NAME, prompt="A"), timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -27,7 +28,7 @@ from typing import NamedTuple
 
 from kvlib.engine.core import Engine
 from kvlib.engine.request import SamplingParams
-from kvlib.errors import KVLibError, KVLibValueError
+from kvlib.errors import KVLibValueError
 
 log = logging.getLogger(__name__)
 
@@ -49,62 +50,50 @@ _STOP = object()
 
 class EngineLoop:
     """Runs `engine` in a thread of its own: `start`, then `add` and `cancel` from any
-    coroutine, `call` from anywhere, `stop` (returns at once) and `join` to end it."""
+    coroutine, `call` from anywhere, `stop` (returns at once) and `join` to end it.
+
+    If the engine itself fails (a bug), the loop ends every request ("abort") and closes:
+    later requests are refused rather than left waiting.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # (fn, future) or _STOP
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._closed = False
-        self._lock = threading.Lock()  # orders `_closed` with the commands put after it
+        self._lock = threading.Lock()  # orders `_closed` with the commands put before it
         self._thread = threading.Thread(target=self._run, name="kvlib-engine", daemon=True)
 
     # ---- the other threads' side ---------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
-    def _put(self, command) -> None:
+    def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
+        """Run fn(engine) in the engine thread between two steps; a future of its result.
+        Raises LoopClosedError once the loop is stopping."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise LoopClosedError("the server is shutting down: it takes no new request")
-            self._commands.put(command)
+            self._commands.put((fn, done))
+        return done
 
     async def add(self, prompt: list[int], params: SamplingParams) -> tuple[int, asyncio.Queue]:
         """Queue a request; return its id and the asyncio queue its Deltas will arrive on.
         Raises what `Engine.add_request` raises (nothing is queued then)."""
         loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
-        done: concurrent.futures.Future = concurrent.futures.Future()
 
-        def add() -> None:
-            try:
-                rid = self.engine.add_request(prompt, params)
-            except KVLibError as err:
-                done.set_exception(err)
-                return
+        def add(engine: Engine) -> int:
+            rid = engine.add_request(prompt, params)
             self._streams[rid] = (loop, deltas)
-            done.set_result(rid)
+            return rid
 
-        self._put(add)
-        return await asyncio.wrap_future(done), deltas
+        return await asyncio.wrap_future(self.call(add)), deltas
 
     def cancel(self, request_id: int) -> None:
         """Stop a request and free its blocks (nothing if it finished already); returns at once."""
-        with self._lock:
-            if not self._closed:  # a stopping loop cancels everything itself
-                self._commands.put(lambda: self._drop(request_id, None))
-
-    def call(self, fn: Callable[[Engine], object]) -> concurrent.futures.Future:
-        """Run fn(engine) in the engine thread between two steps; a future of its result."""
-        done: concurrent.futures.Future = concurrent.futures.Future()
-
-        def call() -> None:
-            try:
-                done.set_result(fn(self.engine))
-            except Exception as err:
-                done.set_exception(err)
-
-        self._put(call)
-        return done
+        with contextlib.suppress(LoopClosedError):  # a stopping loop cancels everything itself
+            self.call(lambda engine: self._drop(request_id, None))
 
     def stop(self) -> None:
         """Ask the thread to end every request ("abort") and exit; returns at once (safe from a
@@ -123,6 +112,22 @@ class EngineLoop:
 
     # ---- the engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception:  # a bug in the engine: nothing it holds can be trusted any more
+            log.exception("the engine failed; the server takes no more requests")
+            with self._lock:
+                self._closed = True
+            for rid in self._streams:
+                self._send(rid, Delta(None, "abort"))
+            self._streams.clear()
+        finally:  # commands that came too late
+            while not self._commands.empty():
+                command = self._commands.get()
+                if command is not _STOP:
+                    command[1].set_exception(LoopClosedError("the engine loop has stopped"))
+
+    def _serve(self) -> None:
         while True:
             busy = self.engine.has_unfinished()
             try:
@@ -134,7 +139,11 @@ class EngineLoop:
                     for rid in list(self._streams):
                         self._drop(rid, Delta(None, "abort"))
                     return
-                command()
+                fn, done = command
+                try:
+                    done.set_result(fn(self.engine))
+                except Exception as err:  # the caller's (a request that cannot run): theirs to see
+                    done.set_exception(err)
                 try:
                     command = self._commands.get_nowait()
                 except queue.Empty:
@@ -143,13 +152,7 @@ class EngineLoop:
                 self._step()
 
     def _step(self) -> None:
-        try:
-            out = self.engine.step()
-        except Exception:  # a bug: fail the requests in flight, keep serving the next ones
-            log.exception("engine step failed; aborting the requests in flight")
-            for rid in list(self._streams):
-                self._drop(rid, Delta(None, "abort"))
-            return
+        out = self.engine.step()
         for rid, token in out.tokens.items():
             finished = rid in out.finished
             reason = self.engine.requests[rid].finish_reason if finished else None
@@ -170,7 +173,5 @@ class EngineLoop:
 
     def _send(self, rid: int, delta: Delta) -> None:
         loop, deltas = self._streams[rid]
-        try:
+        with contextlib.suppress(RuntimeError):  # its event loop has closed: nobody listens
             loop.call_soon_threadsafe(deltas.put_nowait, delta)
-        except RuntimeError:  # its event loop has closed: nobody is listening any more
-            pass

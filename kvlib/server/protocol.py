@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ERROR_STATUS = {"invalid_request_error": 400, "not_found_error": 404, "server_error": 503}
-
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
