@@ -18,7 +18,7 @@ import sys
 import uvicorn
 
 from kvlib.engine.core import Engine
-from kvlib.errors import check_int
+from kvlib.errors import KVLibError, check_int
 from kvlib.pretrained import load_pretrained
 from kvlib.server.app import create_app
 from kvlib.server.loop import EngineLoop
@@ -68,24 +68,28 @@ class Server(uvicorn.Server):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_int("port", args.port, low=0, high=65535)
     # uvicorn takes these signals while it serves, then raises them again to the handlers it
     # found: these, so the process exits 0 and not as killed.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stopped)
-    kw = {} if args.model_path is None else {"path": args.model_path}
-    model, tokenizer = load_pretrained(**kw)
-    P, S = args.block_size, model.config.max_seq_len
-    num_blocks = args.num_blocks or args.max_num_seqs * -(-S // check_int("block_size", P))
-    engine = Engine(
-        model,
-        num_blocks=num_blocks,
-        block_size=P,
-        max_num_seqs=args.max_num_seqs,
-        max_num_tokens=args.max_num_tokens,
-        max_history=0,
-    )
-    app = create_app(engine, tokenizer, model_name=args.model_name)
+    try:
+        check_int("port", args.port, low=0, high=65535)
+        kw = {} if args.model_path is None else {"path": args.model_path}
+        model, tokenizer = load_pretrained(**kw)
+        P, S = check_int("block_size", args.block_size), model.config.max_seq_len
+        num_blocks = args.num_blocks or check_int("max_num_seqs", args.max_num_seqs) * -(-S // P)
+        engine = Engine(
+            model,
+            num_blocks=num_blocks,
+            block_size=P,
+            max_num_seqs=args.max_num_seqs,
+            max_num_tokens=args.max_num_tokens,
+            max_history=0,  # a server runs for days: keep no per-step records
+        )
+        app = create_app(engine, tokenizer, model_name=args.model_name)
+    except KVLibError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
     )

@@ -64,11 +64,8 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, *, model_name: str | Non
             engine_loop.join(timeout=10)
 
     app = FastAPI(title="kvlib", lifespan=lifespan)
-    app.state.engine_loop, app.state.model_name, app.state.created = (
-        engine_loop,
-        name,
-        int(time.time()),
-    )
+    app.state.engine_loop = engine_loop  # for the command line's signal handler, and tests
+    created = int(time.time())
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -88,7 +85,7 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, *, model_name: str | Non
 
     @app.get("/v1/models")
     async def models() -> dict:
-        card = {"id": name, "object": "model", "created": app.state.created, "owned_by": "kvlib"}
+        card = {"id": name, "object": "model", "created": created, "owned_by": "kvlib"}
         card["max_model_len"] = engine.model.config.max_seq_len
         return {"object": "list", "data": [card]}
 
