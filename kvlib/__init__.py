@@ -6,10 +6,10 @@ The public names the chapters use are importable from here; every submodule is o
 Layers, lowest first. A module imports kvlib modules of lower layers only (tests/test_layers.py
 checks every import, those inside functions too, so there is no cycle and no upward import):
 
-    0  errors  engine
+    0  errors  engine  server
     1  config  data  figures  metrics  notebook  online_softmax  paged_kernel  plots  timing
     1  gpu  gpu.nvrtc
-    1  quantize  engine.request  engine.radix  engine.trace
+    1  quantize  engine.request  engine.radix  engine.trace  server.text  server.protocol
     2  attention  rope  registry  flops  serving  preemption  blocks  quant_scheme  quant_kernel
     2  gpu.kernels  engine.blocks
     3  cache  memory  paged_attention  quant_attention  gpu.host
@@ -18,9 +18,9 @@ checks every import, those inside functions too, so there is no cycle and no upw
     6  paged_quant  eviction  generate  chunked  hf  pretrained  engine.scheduler
     7  kvlib  train  checkpoints  bench  bench.report  bench.gpu_timing  engine.core
     8  exercises  bench.problems  bench.section  bench.gpu_machine  bench.gpu_results
-    8  engine.replay
-    9  exercises.*  bench.*
-   10  bench.cpu  bench.gpu
+    8  engine.replay  server.loop  loadgen
+    9  exercises.*  bench.*  server.app
+   10  bench.cpu  bench.gpu  server.__main__
    11  bench.__main__
 
 The cache interface (`kvlib.cache.Cache`) sits above the attention math because its default

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ from kvlib.engine.blocks import BlockPool
 from kvlib.engine.kv import ATTENTION_METHODS, StepCache
 from kvlib.engine.request import Request, SamplingParams, Status
 from kvlib.engine.scheduler import Scheduler
-from kvlib.errors import KVLibError, KVLibTypeError, KVLibValueError, OutOfBlocksError
+from kvlib.errors import KVLibError, KVLibTypeError, KVLibValueError, OutOfBlocksError, check_int
 from kvlib.generate import next_token
 from kvlib.transformer import Transformer
 
@@ -54,7 +55,8 @@ class Engine:
     chunked_prefill: split prompts over steps (else a prompt runs in one step, alone in the
     budget); reserve_tokens: reserve that many tokens' blocks per request up front (the
     contiguous baseline; prefix caching is off then); attention: "fused" or "gather"
-    (`kvlib.engine.kv`).
+    (`kvlib.engine.kv`); max_history: keep only the last that many per-step records in
+    `history` (None: all of them, 0: none; a long-running server caps it).
     """
 
     def __init__(
@@ -71,7 +73,10 @@ class Engine:
         reserve_tokens: int | None = None,
         attention: str = "fused",
         clock: Callable[[], float] = time.perf_counter,
+        max_history: int | None = None,
     ) -> None:
+        if max_history is not None:
+            check_int("max_history", max_history, low=0)
         if not isinstance(model, Transformer):
             raise KVLibTypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
         self.model = model
@@ -97,7 +102,10 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self.num_steps = 0
-        self.history: list[dict] = []  # one record per step: batch, memory, queues
+        # one record per step: batch, memory, queues (the last max_history of them if capped)
+        self.history: list[dict] | deque[dict] = (
+            [] if max_history is None else deque(maxlen=max_history)
+        )
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(
