@@ -85,22 +85,31 @@ def _kernels(fp8: bool):
                     zq = (q0.sum(), q1.sum(), q2.sum(), q3.sum())
                     out[b, h, g0 : g0 + n, : view0[b]] = -np.inf
                     out[b, h, g0 : g0 + n, view0[b] + lens[b] :] = -np.inf
-                    for j in range(lens[b]):
+                    j = 0
+                    while j < lens[b]:  # a run of tokens that lie one after another in a block
                         s = first[b] + j  # storage slot of the row's j-th token
-                        blk, off = tables[b, s // P], s % P
-                        c = codes[blk, h, off]
-                        place(c, xbits)
-                        a0 = a1 = a2 = a3 = np.float32(0.0)
-                        for d in range(D):  # one pass over the codes, four dot products
-                            xd = value(c, x, d)
-                            a0 += q0[d] * xd
-                            a1 += q1[d] * xd
-                            a2 += q2[d] * xd
-                            a3 += q3[d] * xd
-                        sc, z = scale[blk, h, off], zero[blk, h, off]
-                        dots = (a0, a1, a2, a3)
-                        for r in range(n):
-                            out[b, h, g0 + r, view0[b] + j] = dots[r] * sc + zq[r] * z
+                        blk, off0 = tables[b, s // P], s % P
+                        run = min(P - off0, lens[b] - j)
+                        for off in range(off0, off0 + run):
+                            c = codes[blk, h, off]
+                            place(c, xbits)
+                            a0 = a1 = a2 = a3 = np.float32(0.0)
+                            if n == 1:  # no grouping: one dot product
+                                for d in range(D):
+                                    a0 += q0[d] * value(c, x, d)
+                            else:
+                                for d in range(D):  # one pass over the codes, four products
+                                    xd = value(c, x, d)
+                                    a0 += q0[d] * xd
+                                    a1 += q1[d] * xd
+                                    a2 += q2[d] * xd
+                                    a3 += q3[d] * xd
+                            sc, z = scale[blk, h, off], zero[blk, h, off]
+                            dots = (a0, a1, a2, a3)
+                            t = view0[b] + j + off - off0  # the token's column in `out`
+                            for r in range(n):
+                                out[b, h, g0 + r, t] = dots[r] * sc + zq[r] * z
+                        j += run
 
     @numba.njit(fastmath=_FASTMATH)
     def weighted(p, codes, scale, zero, tables, first, view0, lens, out):  # pragma: no cover
@@ -117,28 +126,36 @@ def _kernels(fp8: bool):
                     n = min(4, G - g0)
                     acc[:] = 0.0
                     z0 = z1 = z2 = z3 = np.float32(0.0)  # the rows' weighted zero points
-                    for j in range(lens[b]):
+                    j = 0
+                    while j < lens[b]:  # a run of tokens that lie one after another in a block
                         s = first[b] + j
-                        blk, off = tables[b, s // P], s % P
-                        c = codes[blk, h, off]
-                        place(c, xbits)
-                        sc, z = scale[blk, h, off], zero[blk, h, off]
-                        t = view0[b] + j
-                        w0 = p[b, h, g0, t]
-                        w1 = p[b, h, g0 + 1, t] if n > 1 else np.float32(0.0)
-                        w2 = p[b, h, g0 + 2, t] if n > 2 else np.float32(0.0)
-                        w3 = p[b, h, g0 + 3, t] if n > 3 else np.float32(0.0)
-                        z0 += w0 * z
-                        z1 += w1 * z
-                        z2 += w2 * z
-                        z3 += w3 * z
-                        w0, w1, w2, w3 = w0 * sc, w1 * sc, w2 * sc, w3 * sc
-                        for d in range(D):  # one pass over the codes, four rows updated
-                            xd = value(c, x, d)
-                            acc[0, d] += w0 * xd
-                            acc[1, d] += w1 * xd
-                            acc[2, d] += w2 * xd
-                            acc[3, d] += w3 * xd
+                        blk, off0 = tables[b, s // P], s % P
+                        run = min(P - off0, lens[b] - j)
+                        for off in range(off0, off0 + run):
+                            c = codes[blk, h, off]
+                            place(c, xbits)
+                            sc, z = scale[blk, h, off], zero[blk, h, off]
+                            t = view0[b] + j + off - off0
+                            w0 = p[b, h, g0, t]
+                            w1 = p[b, h, g0 + 1, t] if n > 1 else np.float32(0.0)
+                            w2 = p[b, h, g0 + 2, t] if n > 2 else np.float32(0.0)
+                            w3 = p[b, h, g0 + 3, t] if n > 3 else np.float32(0.0)
+                            z0 += w0 * z
+                            z1 += w1 * z
+                            z2 += w2 * z
+                            z3 += w3 * z
+                            w0, w1, w2, w3 = w0 * sc, w1 * sc, w2 * sc, w3 * sc
+                            if n == 1:  # no grouping: one running sum
+                                for d in range(D):
+                                    acc[0, d] += w0 * value(c, x, d)
+                            else:
+                                for d in range(D):  # one pass over the codes, four rows
+                                    xd = value(c, x, d)
+                                    acc[0, d] += w0 * xd
+                                    acc[1, d] += w1 * xd
+                                    acc[2, d] += w2 * xd
+                                    acc[3, d] += w3 * xd
+                        j += run
                     zs = (z0, z1, z2, z3)
                     for r in range(n):
                         for d in range(D):
