@@ -272,24 +272,23 @@ class PagedQuantKVCache(PagedKVCache):
             and (mask is None or _is_valid_mask(mask, self.valid_mask(S)))
         )
 
-    def _coded(self, layer: int, stream: int) -> tuple[torch.Tensor, ...]:
-        """The pool (N, K, P, E) uint8 (a slot's first D bytes are its codes) and per-slot
-        scale, zero (N, K, P), as views."""
+    def _coded(
+        self, layer: int, stream: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """The pool (N, K, P, E) uint8 (a slot's first D bytes are its codes), per-slot scale,
+        zero (N, K, P) and the codes' offset, as views: x = (code - offset) * scale + zero."""
         pool = (self.allocator.k_pool, self.allocator.v_pool)[stream][layer]  # (N, K, P, E)
         N, K, P, _ = pool.shape
+        no_zero = torch.zeros(()).expand(N, K, P)  # (N, K, P), no copy
         if self.scheme.fp8:
             scale = self.fp8_scales[layer][stream]
             scale = torch.ones(()) if scale is None else scale  # None: no token stored yet
-            scale = scale.reshape(1, -1, 1).expand(N, K, P)
-            return pool, scale, torch.zeros(()).expand(N, K, P)
+            return pool, scale.reshape(1, -1, 1).expand(N, K, P), no_zero, 0.0
         D = self.head_dim
         scale = pool[..., D : D + 4].view(torch.float32)[..., 0]  # (N, K, P) the fp32 scales
-        zero = (
-            -128.0 * scale
-            if self.scheme.symmetric
-            else pool[..., D + 4 : D + 8].view(torch.float32)[..., 0]
-        )
-        return pool, scale, zero  # the loop reads the first D bytes of each slot
+        if self.scheme.symmetric:  # signed codes stored as unsigned bytes: value = code - 128
+            return pool, scale, no_zero, 128.0
+        return pool, scale, pool[..., D + 4 : D + 8].view(torch.float32)[..., 0], 0.0
 
     def _chunk(self, layer: int, stream: int, data: torch.Tensor, valid: torch.Tensor) -> Chunk:
         """Bytes (B, K, n, E) of a chunk -> a `Chunk` (codes with their scales beside them)."""

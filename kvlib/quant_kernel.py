@@ -48,7 +48,8 @@ def _kernels(fp8: bool):
     first placed in a float32 (s eeee mmm -> the sign bit, then the 7 bits at the low end of the
     exponent and the top of the mantissa: the same number times 2**-120, normal and subnormal
     alike, since float32's exponent bias exceeds e4m3's by 120), a token's D codes at a time,
-    into a small buffer that stays in the L1 cache."""
+    into a small buffer that stays in the L1 cache; the scales make up the 2**-120."""
+    unit = np.float32(1.0 / FP8_IN_FP32 if fp8 else 1.0)  # what a code's loop value is worth
 
     @numba.njit(inline="always")
     def place(c, xbits):  # pragma: no cover - compiled
@@ -68,28 +69,32 @@ def _kernels(fp8: bool):
         return np.float32(c[d])
 
     @numba.njit(fastmath=_FASTMATH)
-    def scores(q, codes, scale, zero, tables, first, view0, lens, out):  # pragma: no cover
+    def scores(q, codes, scale, zero, offset, tables, first, view0, lens, out):  # pragma: no cover
         # q (B, K, R, D) pre-scaled, R >= G a multiple of 4 (rows past G are zero); codes
         # (N, K, P, >= D): the first D bytes of a slot are its codes; scale, zero (N, K, P);
+        # offset: a number every code is shifted by, x = (c - offset) * scale + zero;
         # out (B, K, G, S): -inf where a row has no token
-        B, K, _, D = q.shape
+        B, K, R, D = q.shape
         G = out.shape[2]
         P = codes.shape[2]
         xbits = np.empty(D, dtype=np.uint32)
         x = xbits.view(np.float32)
+        qsum = np.empty(R, dtype=np.float32)  # sum(q_g): what a zero point adds to a score
         for b in range(B):
-            for h in range(K):
-                for g0 in range(0, G, 4):  # four query rows share each code's conversion
-                    n = min(4, G - g0)  # rows of this group that exist
-                    q0, q1, q2, q3 = q[b, h, g0], q[b, h, g0 + 1], q[b, h, g0 + 2], q[b, h, g0 + 3]
-                    zq = (q0.sum(), q1.sum(), q2.sum(), q3.sum())
-                    out[b, h, g0 : g0 + n, : view0[b]] = -np.inf
-                    out[b, h, g0 : g0 + n, view0[b] + lens[b] :] = -np.inf
-                    j = 0
-                    while j < lens[b]:  # a run of tokens that lie one after another in a block
-                        s = first[b] + j  # storage slot of the row's j-th token
-                        blk, off0 = tables[b, s // P], s % P
-                        run = min(P - off0, lens[b] - j)
+            out[b, :, :, : view0[b]] = -np.inf
+            out[b, :, :, view0[b] + lens[b] :] = -np.inf
+            j = 0
+            while j < lens[b]:  # a run of tokens that lie one after another in a block
+                s = first[b] + j  # storage slot of the row's j-th token
+                blk, off0 = tables[b, s // P], s % P
+                run = min(P - off0, lens[b] - j)
+                for h in range(K):  # every head of the block, in the order they lie
+                    for g in range(R):
+                        qsum[g] = q[b, h, g].sum()
+                    for g0 in range(0, G, 4):  # four query rows share each code's conversion
+                        n = min(4, G - g0)  # rows of this group that exist
+                        q0, q1 = q[b, h, g0], q[b, h, g0 + 1]
+                        q2, q3 = q[b, h, g0 + 2], q[b, h, g0 + 3]
                         for off in range(off0, off0 + run):
                             c = codes[blk, h, off]
                             place(c, xbits)
@@ -104,62 +109,69 @@ def _kernels(fp8: bool):
                                     a1 += q1[d] * xd
                                     a2 += q2[d] * xd
                                     a3 += q3[d] * xd
-                            sc, z = scale[blk, h, off], zero[blk, h, off]
+                            sc, z = scale[blk, h, off] * unit, zero[blk, h, off]
                             dots = (a0, a1, a2, a3)
                             t = view0[b] + j + off - off0  # the token's column in `out`
                             for r in range(n):
-                                out[b, h, g0 + r, t] = dots[r] * sc + zq[r] * z
-                        j += run
+                                zq = qsum[g0 + r]
+                                out[b, h, g0 + r, t] = (dots[r] - offset * zq) * sc + zq * z
+                j += run
 
     @numba.njit(fastmath=_FASTMATH)
-    def weighted(p, codes, scale, zero, tables, first, view0, lens, out):  # pragma: no cover
-        # p (B, K, G, S) softmax weights; out (B, K, G, D)
+    def weighted(
+        p, codes, scale, zero, offset, tables, first, view0, lens, out
+    ):  # pragma: no cover
+        # p (B, K, G, S) softmax weights; out (B, K, G, D); the rest as in `scores`
         B, K, G, S = p.shape
         D = out.shape[3]
         P = codes.shape[2]
+        R = -(-G // 4) * 4
         xbits = np.empty(D, dtype=np.uint32)
         x = xbits.view(np.float32)
-        acc = np.empty((4, D), dtype=np.float32)  # four rows' weighted sums of codes
+        acc = np.empty((K, R, D), dtype=np.float32)  # every row's weighted sum of codes
+        zs = np.empty((K, R), dtype=np.float32)  # and of zero points
         for b in range(B):
-            for h in range(K):
-                for g0 in range(0, G, 4):  # four query rows share each code's conversion
-                    n = min(4, G - g0)
-                    acc[:] = 0.0
-                    z0 = z1 = z2 = z3 = np.float32(0.0)  # the rows' weighted zero points
-                    j = 0
-                    while j < lens[b]:  # a run of tokens that lie one after another in a block
-                        s = first[b] + j
-                        blk, off0 = tables[b, s // P], s % P
-                        run = min(P - off0, lens[b] - j)
+            acc[:] = 0.0
+            zs[:] = 0.0
+            j = 0
+            while j < lens[b]:  # a run of tokens that lie one after another in a block
+                s = first[b] + j
+                blk, off0 = tables[b, s // P], s % P
+                run = min(P - off0, lens[b] - j)
+                for h in range(K):  # every head of the block, in the order they lie
+                    for g0 in range(0, G, 4):  # four query rows share each code's conversion
+                        n = min(4, G - g0)
+                        a = acc[h, g0 : g0 + 4]  # (4, D) the group's running sums
                         for off in range(off0, off0 + run):
                             c = codes[blk, h, off]
                             place(c, xbits)
-                            sc, z = scale[blk, h, off], zero[blk, h, off]
+                            sc = scale[blk, h, off] * unit
+                            z = zero[blk, h, off] - offset * sc  # the value of code 0
                             t = view0[b] + j + off - off0
                             w0 = p[b, h, g0, t]
                             w1 = p[b, h, g0 + 1, t] if n > 1 else np.float32(0.0)
                             w2 = p[b, h, g0 + 2, t] if n > 2 else np.float32(0.0)
                             w3 = p[b, h, g0 + 3, t] if n > 3 else np.float32(0.0)
-                            z0 += w0 * z
-                            z1 += w1 * z
-                            z2 += w2 * z
-                            z3 += w3 * z
+                            zs[h, g0] += w0 * z
+                            zs[h, g0 + 1] += w1 * z
+                            zs[h, g0 + 2] += w2 * z
+                            zs[h, g0 + 3] += w3 * z
                             w0, w1, w2, w3 = w0 * sc, w1 * sc, w2 * sc, w3 * sc
                             if n == 1:  # no grouping: one running sum
                                 for d in range(D):
-                                    acc[0, d] += w0 * value(c, x, d)
+                                    a[0, d] += w0 * value(c, x, d)
                             else:
                                 for d in range(D):  # one pass over the codes, four rows
                                     xd = value(c, x, d)
-                                    acc[0, d] += w0 * xd
-                                    acc[1, d] += w1 * xd
-                                    acc[2, d] += w2 * xd
-                                    acc[3, d] += w3 * xd
-                        j += run
-                    zs = (z0, z1, z2, z3)
-                    for r in range(n):
-                        for d in range(D):
-                            out[b, h, g0 + r, d] = acc[r, d] + zs[r]
+                                    a[0, d] += w0 * xd
+                                    a[1, d] += w1 * xd
+                                    a[2, d] += w2 * xd
+                                    a[3, d] += w3 * xd
+                j += run
+            for h in range(K):
+                for g in range(G):
+                    for d in range(D):
+                        out[b, h, g, d] = acc[h, g, d] + zs[h, g]
 
     return scores, weighted
 
@@ -169,8 +181,8 @@ _COMPILED: dict[bool, tuple] = {}
 
 def quant_decode_attention(
     q: torch.Tensor,
-    k: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    v: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    k: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float],
+    v: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float],
     block_tables: torch.Tensor,
     first: torch.Tensor,
     view0: torch.Tensor,
@@ -181,7 +193,9 @@ def quant_decode_attention(
 
     k, v: (codes (N, K, P, E) uint8 whose first D bytes per slot are the codes (E > D: a pool
     that keeps the scales in the slot; contiguous, so the loop reads a slot's codes as one run),
-    scale (N, K, P) fp32, zero (N, K, P) fp32, any strides);
+    scale (N, K, P) fp32, zero (N, K, P) fp32, any strides (zeros may be a broadcast 0), and
+    offset, the number each code is shifted by: x = (code - offset) * scale + zero, 128 for
+    symmetric int8 stored as unsigned bytes);
     block_tables (B, M); first, view0, lens (B,) int64 (see the module docstring).
     """
     if fp8 not in _COMPILED:
@@ -195,12 +209,10 @@ def quant_decode_attention(
     qg = torch.zeros(B, K, R, D, dtype=torch.float32)  # (B, K, R, D), rows past G stay zero
     qg[:, :, :G] = q.float().reshape(B, K, G, D) * (1.0 / math.sqrt(D))
     scores = torch.empty(B, K, G, S, dtype=torch.float32)  # (B, K, G, S)
-    if fp8:  # the loop's FP8 values are the numbers times FP8_IN_FP32
-        k = (k[0], k[1] / FP8_IN_FP32, k[2])
-        v = (v[0], v[1] / FP8_IN_FP32, v[2])
     args = [block_tables.numpy(), first.numpy(), view0.numpy(), lens.numpy()]
-    scores_pass(qg.numpy(), *(t.numpy() for t in k), *args, scores.numpy())
+    k, v = [(c.numpy(), scale.numpy(), zero.numpy(), float(off)) for c, scale, zero, off in (k, v)]
+    scores_pass(qg.numpy(), *k, *args, scores.numpy())
     p = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # (B, K, G, S); a row of no tokens: 0
     out = torch.empty(B, K, G, D, dtype=torch.float32)  # (B, K, G, D)
-    weighted_pass(p.numpy(), *(t.numpy() for t in v), *args, out.numpy())
+    weighted_pass(p.numpy(), *v, *args, out.numpy())
     return out.reshape(B, H, 1, D).to(q.dtype)  # (B, H, 1, D)

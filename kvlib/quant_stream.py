@@ -143,16 +143,19 @@ class QuantStream:
             return self.resid[:, :, :0].to(dtype, copy=True)  # (B, K, 0, D)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (B, K, b - a, D)
 
-    def coded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """codes (B, K, S_max, D) uint8 and per-slot scale, zero (B, K, S_max) for the compiled
-        loop (int8 per token, or FP8 with its per-head or per-tensor scale spread over slots)."""
+    def coded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """codes (B, K, S_max, D) uint8, per-slot scale, zero (B, K, S_max) and the codes' offset
+        for the compiled loop (int8 per token, or FP8 with its per-head or per-tensor scale spread
+        over slots), as views: x = (code - offset) * scale + zero."""
         B, K, S_max, _ = self.codes.shape
+        no_zero = torch.zeros(()).expand(B, K, S_max)  # (B, K, S_max), no copy
         if self.fp8:
             scale = self.scale.reshape(1, -1, 1).expand(B, K, S_max)  # (B, K, S_max), no copy
-            return self.codes, scale, torch.zeros(()).expand(B, K, S_max)
+            return self.codes, scale, no_zero, 0.0
         scale = self.scale[..., 0]  # (B, K, S_max)
-        zero = -(2 ** (self.bits - 1)) * scale if self.symmetric else self.zero[..., 0]
-        return self.codes, scale, zero
+        if self.symmetric:  # signed codes stored as unsigned bytes: value = code - 2**(bits-1)
+            return self.codes, scale, no_zero, float(2 ** (self.bits - 1))
+        return self.codes, scale, self.zero[..., 0], 0.0
 
     def read_chunk(self, a: int, b: int) -> Chunk:
         """Slots [a, b) for the fused read. Codes with one scale per token (or per head, FP8)
