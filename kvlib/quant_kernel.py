@@ -35,6 +35,9 @@ import math
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}  # not "nnan"/"ninf": -inf scores stay
 
@@ -42,30 +45,33 @@ _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}  # not "nnan"/"ninf": 
 FP8_IN_FP32 = 2.0**-120  # e4m3 bits s eeee mmm placed as float32 s 0000eeee mmm0...: value * this
 
 
+@intrinsic
+def _bits_as_float32(typingctx, bits):
+    """The float32 whose bits are `bits` (a uint32), as C gets it with memcpy: one LLVM bitcast,
+    which costs nothing (the bits stay in their register)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
 def _kernels(fp8: bool):
-    """The two passes, compiled with the code conversion fixed. An int8 code's value is the code
-    as a float32, converted in a register on its way into the sums. An FP8 code's e4m3 bits are
-    first placed in a float32 (s eeee mmm -> the sign bit, then the 7 bits at the low end of the
-    exponent and the top of the mantissa: the same number times 2**-120, normal and subnormal
-    alike, since float32's exponent bias exceeds e4m3's by 120), a token's D codes at a time,
-    into a small buffer that stays in the L1 cache; the scales make up the 2**-120."""
+    """The two passes, compiled with the code conversion fixed; each code becomes a float32 in a
+    register on its way into the sums. An int8 code is cast. An FP8 code's e4m3 bits are placed
+    in a float32 (s eeee mmm -> the sign bit, then the 7 bits at the low end of the exponent and
+    the top of the mantissa): the same number times 2**-120, normal and subnormal alike, since
+    float32's exponent bias exceeds e4m3's by 120. The scales make up the 2**-120."""
     unit = np.float32(1.0 / FP8_IN_FP32 if fp8 else 1.0)  # what a code's loop value is worth
 
     @numba.njit(inline="always")
-    def place(c, xbits):  # pragma: no cover - compiled
-        # FP8 only: c (>= D,) uint8 e4m3 codes -> xbits (D,) their bits as float32 (* 2**-120)
+    def value(c, d):  # pragma: no cover - compiled
+        # code d's fp32 value, made in a register: the int8 code cast, or the FP8 bits placed
         if fp8:
-            for d in range(xbits.shape[0]):
-                u = np.uint32(c[d])
-                xbits[d] = ((u & np.uint32(0x80)) << np.uint32(24)) | (
-                    (u & np.uint32(0x7F)) << np.uint32(20)
-                )
-
-    @numba.njit(inline="always")
-    def value(c, x, d):  # pragma: no cover - compiled
-        # code d's fp32 value: the placed FP8 number, or the int8 code cast in a register
-        if fp8:
-            return x[d]
+            u = np.uint32(c[d])
+            return _bits_as_float32(
+                ((u & np.uint32(0x80)) << np.uint32(24)) | ((u & np.uint32(0x7F)) << np.uint32(20))
+            )
         return np.float32(c[d])
 
     @numba.njit(fastmath=_FASTMATH)
@@ -77,8 +83,6 @@ def _kernels(fp8: bool):
         B, K, R, D = q.shape
         G = out.shape[2]
         P = codes.shape[2]
-        xbits = np.empty(D, dtype=np.uint32)
-        x = xbits.view(np.float32)
         qsum = np.empty(R, dtype=np.float32)  # sum(q_g): what a zero point adds to a score
         for b in range(B):
             out[b, :, :, : view0[b]] = -np.inf
@@ -97,14 +101,13 @@ def _kernels(fp8: bool):
                         q2, q3 = q[b, h, g0 + 2], q[b, h, g0 + 3]
                         for off in range(off0, off0 + run):
                             c = codes[blk, h, off]
-                            place(c, xbits)
                             a0 = a1 = a2 = a3 = np.float32(0.0)
                             if n == 1:  # no grouping: one dot product
                                 for d in range(D):
-                                    a0 += q0[d] * value(c, x, d)
+                                    a0 += q0[d] * value(c, d)
                             else:
                                 for d in range(D):  # one pass over the codes, four products
-                                    xd = value(c, x, d)
+                                    xd = value(c, d)
                                     a0 += q0[d] * xd
                                     a1 += q1[d] * xd
                                     a2 += q2[d] * xd
@@ -126,8 +129,6 @@ def _kernels(fp8: bool):
         D = out.shape[3]
         P = codes.shape[2]
         R = -(-G // 4) * 4
-        xbits = np.empty(D, dtype=np.uint32)
-        x = xbits.view(np.float32)
         acc = np.empty((K, R, D), dtype=np.float32)  # every row's weighted sum of codes
         zs = np.empty((K, R), dtype=np.float32)  # and of zero points
         for b in range(B):
@@ -144,7 +145,6 @@ def _kernels(fp8: bool):
                         a = acc[h, g0 : g0 + 4]  # (4, D) the group's running sums
                         for off in range(off0, off0 + run):
                             c = codes[blk, h, off]
-                            place(c, xbits)
                             sc = scale[blk, h, off] * unit
                             z = zero[blk, h, off] - offset * sc  # the value of code 0
                             t = view0[b] + j + off - off0
@@ -159,10 +159,10 @@ def _kernels(fp8: bool):
                             w0, w1, w2, w3 = w0 * sc, w1 * sc, w2 * sc, w3 * sc
                             if n == 1:  # no grouping: one running sum
                                 for d in range(D):
-                                    a[0, d] += w0 * value(c, x, d)
+                                    a[0, d] += w0 * value(c, d)
                             else:
                                 for d in range(D):  # one pass over the codes, four rows
-                                    xd = value(c, x, d)
+                                    xd = value(c, d)
                                     a[0, d] += w0 * xd
                                     a[1, d] += w1 * xd
                                     a[2, d] += w2 * xd
