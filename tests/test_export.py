@@ -170,7 +170,7 @@ def test_every_whitespace_character_is_cut_the_same_way(book, hf_tokenizer):
     spaces = export_module._whitespace()
     assert len(spaces) > 20
     for c in spaces:
-        for text in (f"a{c}{c}b", f"x {c} y", f"{c}  z", f"1{c}"):
+        for text in (f"a{c}{c}b", f"x {c} y", f"{c}  z", f"1{c}", f"  {c}  w", f"a  {c}{c}  ."):
             assert hf_tokenizer.encode(text) == tokenizer.encode(text), f"{c!r} in {text!r}"
 
 
