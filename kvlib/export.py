@@ -263,8 +263,13 @@ def export(
         if out.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.rename(out, old / out.name)  # an empty folder, or one overwrite allows
-            os.rename(tmp, out)
-            shutil.rmtree(old)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old / out.name, out)  # the old folder goes back
+                raise
+            finally:
+                shutil.rmtree(old)  # the replaced folder, or nothing when it went back
         else:
             os.rename(tmp, out)
     finally:

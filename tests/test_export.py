@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import kvlib.export as export_module
 from kvlib.config import ModelConfig
-from kvlib.data import EOT, BPETokenizer, load_corpus, split_corpus
+from kvlib.data import DATA_DIR, EOT, BPETokenizer, load_corpus, read_json, split_corpus
 from kvlib.errors import KVLibTypeError, KVLibValueError, WeightLoadError
 from kvlib.export import export, hf_pattern, main
 from kvlib.hf import convert_state_dict, to_hf_state_dict
@@ -86,6 +86,7 @@ def test_a_random_gqa_model_gives_the_same_logits_in_transformers(tmp_path, tie)
 def test_the_config_names_the_end_of_text_token_and_the_weights_dtype(folder, book):
     hf_config = transformers.AutoConfig.from_pretrained(folder)
     eot = book[1].eot_id
+    assert eot == read_json(DATA_DIR / "config.json", "the book's config")["eot_id"]
     assert (hf_config.bos_token_id, hf_config.eos_token_id) == (eot, eot)
     assert hf_config.dtype == torch.float32
     generation = transformers.GenerationConfig.from_pretrained(folder)
@@ -258,6 +259,25 @@ def test_a_non_empty_folder_is_kept_unless_overwrite(tmp_path):
     export(model, out, overwrite=True)
     assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_failed_overwrite_keeps_the_old_folder(tmp_path, monkeypatch):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    rename, calls = export_module.os.rename, []
+
+    def refuse_the_new_folder(src, dst):  # the old folder moves aside, the new one fails
+        calls.append(src)
+        if len(calls) == 2:
+            raise OSError("no room")
+        rename(src, dst)
+
+    monkeypatch.setattr(export_module.os, "rename", refuse_the_new_folder)
+    with pytest.raises(OSError, match="no room"):
+        export(random_model(False), out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_an_empty_folder_is_used(tmp_path):
