@@ -218,10 +218,16 @@ def teacher_forced_logits(
     cache: Cache,
     *,
     prefill: int | None = None,
+    chunk: int = 1,
 ) -> torch.Tensor:
     """The logits (B, N, V) fp32 of a given stream `tokens` (B, N) fed through `cache` the way
     generation feeds it: the first `prefill` tokens in one forward pass (default: as many as
     the cache can take at once), then one token per step.
+
+    `chunk` > 1 feeds the rest `chunk` tokens per forward pass instead (the last pass takes
+    what is left): each chunk attends to the cached history as the cache stores it, and to
+    itself, the way chunked prefill feeds a long prompt. One token per step is the reference;
+    chunks cost a fraction of the passes, which is what a large model measured on a CPU needs.
 
     The cache's own hooks do the rest (an evicting cache makes room before each step and
     numbers the positions), so this runs on any kvlib cache. A failed call leaves the cache
@@ -235,6 +241,7 @@ def teacher_forced_logits(
     room = N if cache.capacity is None else cache.capacity - cache.seq_len
     first = max(1, min(N, room)) if prefill is None else prefill
     check_int("prefill", first, 1)
+    check_int("chunk", chunk, 1)
     if first > N:
         raise KVLibValueError(f"prefill={first} is longer than the stream of {N} tokens")
     out = torch.empty(B, N, model.config.vocab_size, dtype=torch.float32, device=model.device)
@@ -243,7 +250,7 @@ def teacher_forced_logits(
     try:
         i = 0
         while i < N:
-            T = first if i == 0 else 1
+            T = first if i == 0 else min(chunk, N - i)
             out[:, i : i + T] = model(tokens[:, i : i + T], cache).float()  # (B, T, V)
             i += T
     except BaseException:

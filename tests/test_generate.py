@@ -6,7 +6,7 @@ import torch
 
 from kvlib.config import tiny
 from kvlib.errors import CacheFullError
-from kvlib.generate import filter_logits, generate, next_token
+from kvlib.generate import filter_logits, generate, next_token, teacher_forced_logits
 from kvlib.kv_cache import ConcatKVCache, KVCache
 from tests.models import CONFIGS, model_for
 
@@ -284,3 +284,65 @@ def test_eos_outside_the_vocabulary_is_refused(model):
             generate(model, prompt(), 3, eos_token_id=eos)
     with pytest.raises(TypeError, match="eos_token_id must be an int"):
         generate(model, prompt(), 3, eos_token_id=1.0)
+
+
+# ---- teacher_forced_logits in chunks -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 7, 64])
+def test_teacher_forced_chunks_equal_one_token_steps_and_the_uncached_pass(model, chunk):
+    """Chunks only regroup the same causal computation: in float64 every chunk size gives the
+    logits of one-token steps and of one uncached pass, the last chunk taking what is left."""
+    model64 = model.double()
+    tokens = prompt(T=23, seed=4)  # (B, N): 3 prefill + 20 more, not a multiple of most chunks
+    B, N = tokens.shape
+    steps = teacher_forced_logits(
+        model64, tokens, KVCache.from_config(model.config, B, N, dtype=torch.float64), prefill=3
+    )
+    cache = KVCache.from_config(model.config, B, N, dtype=torch.float64)
+    chunked = teacher_forced_logits(model64, tokens, cache, prefill=3, chunk=chunk)
+    with torch.no_grad():
+        full = model64(tokens).float()  # (B, N, V)
+    diff = (chunked - steps).abs().max().item()
+    assert diff < 1e-9, f"chunk={chunk} vs one-token steps: max diff {diff:.3g}"
+    diff = (chunked - full).abs().max().item()
+    assert diff < 1e-5, f"chunk={chunk} vs the uncached pass: max diff {diff:.3g}"
+    assert cache.seq_len == N
+
+
+def test_teacher_forced_chunk_1_is_one_token_steps_exactly(model):
+    tokens = prompt(T=12, seed=5)
+    B, N = tokens.shape
+    runs = [
+        teacher_forced_logits(
+            model, tokens, KVCache.from_config(model.config, B, N), prefill=4, **kw
+        )
+        for kw in ({}, {"chunk": 1})
+    ]
+    assert torch.equal(runs[0], runs[1]), f"max diff {(runs[0] - runs[1]).abs().max():.3g}"
+
+
+def test_teacher_forced_chunks_feed_the_model_that_many_tokens_per_pass(model):
+    tokens = prompt(T=20, seed=6)
+    B, N = tokens.shape
+    widths = []
+    hook = model.register_forward_pre_hook(lambda mod, args: widths.append(args[0].shape[1]))
+    try:
+        teacher_forced_logits(
+            model, tokens, KVCache.from_config(model.config, B, N), prefill=6, chunk=4
+        )
+    finally:
+        hook.remove()
+    assert widths == [6, 4, 4, 4, 2], widths
+
+
+@pytest.mark.parametrize("chunk", [0, -2, 1.5, True, "8"])
+def test_teacher_forced_bad_chunk_raises_and_leaves_the_cache_as_it_was(model, chunk):
+    tokens = prompt(T=8)
+    cache = KVCache.from_config(model.config, 2, 16)
+    model(tokens[:, :3], cache)
+    before = [k.clone() for k in cache.keys], cache.seq_len
+    with pytest.raises((ValueError, TypeError), match="chunk"):
+        teacher_forced_logits(model, tokens[:, 3:], cache, prefill=2, chunk=chunk)
+    assert cache.seq_len == before[1]
+    assert all(torch.equal(a, b) for a, b in zip(cache.keys, before[0], strict=True))
