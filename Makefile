@@ -44,8 +44,8 @@ book: $(VENV)/.book
 test: $(VENV)/.test lint unit nbval nbval-portable build-book browser bench-quick
 
 lint: $(VENV)/.test
-	$(BIN)/ruff check kvlib tests notebooks _ext
-	$(BIN)/ruff format --check kvlib tests notebooks _ext
+	$(BIN)/ruff check kvlib tests notebooks _ext tools
+	$(BIN)/ruff format --check kvlib tests notebooks _ext tools
 
 unit: $(VENV)/.test
 	OMP_NUM_THREADS=1 $(BIN)/pytest -n $(JOBS) tests
