@@ -83,8 +83,11 @@ def _kernels(fp8: bool):
         B, K, R, D = q.shape
         G = out.shape[2]
         P = codes.shape[2]
-        qsum = np.empty(R, dtype=np.float32)  # sum(q_g): what a zero point adds to a score
+        qsum = np.empty((K, R), dtype=np.float32)  # sum(q_g): what a zero point adds to a score
         for b in range(B):
+            for h in range(K):
+                for g in range(R):
+                    qsum[h, g] = q[b, h, g].sum()
             out[b, :, :, : view0[b]] = -np.inf
             out[b, :, :, view0[b] + lens[b] :] = -np.inf
             j = 0
@@ -93,8 +96,6 @@ def _kernels(fp8: bool):
                 blk, off0 = tables[b, s // P], s % P
                 run = min(P - off0, lens[b] - j)
                 for h in range(K):  # every head of the block, in the order they lie
-                    for g in range(R):
-                        qsum[g] = q[b, h, g].sum()
                     for g0 in range(0, G, 4):  # four query rows share each code's conversion
                         n = min(4, G - g0)  # rows of this group that exist
                         q0, q1 = q[b, h, g0], q[b, h, g0 + 1]
@@ -116,7 +117,7 @@ def _kernels(fp8: bool):
                             dots = (a0, a1, a2, a3)
                             t = view0[b] + j + off - off0  # the token's column in `out`
                             for r in range(n):
-                                zq = qsum[g0 + r]
+                                zq = qsum[h, g0 + r]
                                 out[b, h, g0 + r, t] = (dots[r] - offset * zq) * sc + zq * z
                 j += run
 
