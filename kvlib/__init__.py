@@ -15,7 +15,7 @@ checks every import, those inside functions too, so there is no cycle and no upw
     3  cache  memory  paged_attention  quant_attention  gpu.host
     4  kv_cache  paged  quant_stream  eviction.base  roofline  gpu.roofline
     5  quant  eviction.policies  transformer  gpu.emulate  engine.kv
-    6  paged_quant  eviction  generate  chunked  hf  pretrained  engine.scheduler
+    6  paged_quant  eviction  generate  chunked  hf  pretrained  streaming  engine.scheduler
     7  kvlib  train  checkpoints  bench  bench.report  bench.gpu_timing  engine.core  export
     8  exercises  bench.problems  bench.section  bench.gpu_machine  bench.gpu_results
     8  engine.replay  server.loop  loadgen  vllm_check
