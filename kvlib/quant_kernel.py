@@ -61,17 +61,17 @@ def _kernels(fp8: bool):
     register on its way into the sums. An int8 code is cast. An FP8 code's e4m3 bits are placed
     in a float32 (s eeee mmm -> the sign bit, then the 7 bits at the low end of the exponent and
     the top of the mantissa): the same number times 2**-120, normal and subnormal alike, since
-    float32's exponent bias exceeds e4m3's by 120. The scales make up the 2**-120."""
+    float32's exponent bias exceeds e4m3's by 120. The scales make up the 2**-120. Reading the
+    code as a signed byte makes the placing three cheap steps (widen, shift, mask), about as
+    fast as int8's cast."""
     unit = np.float32(1.0 / FP8_IN_FP32 if fp8 else 1.0)  # what a code's loop value is worth
 
     @numba.njit(inline="always")
     def value(c, d):  # pragma: no cover - compiled
         # code d's fp32 value, made in a register: the int8 code cast, or the FP8 bits placed
-        if fp8:
-            u = np.uint32(c[d])
-            return _bits_as_float32(
-                ((u & np.uint32(0x80)) << np.uint32(24)) | ((u & np.uint32(0x7F)) << np.uint32(20))
-            )
+        if fp8:  # c holds the codes as signed bytes: widening copies the sign into bits 7..31
+            v = np.uint32(np.int32(c[d]))  # s...s seeeemmm
+            return _bits_as_float32((v << np.uint32(20)) & np.uint32(0x87F00000))  # s0000eeeemmm0..
         return np.float32(c[d])
 
     @numba.njit(fastmath=_FASTMATH)
@@ -211,7 +211,11 @@ def quant_decode_attention(
     qg[:, :, :G] = q.float().reshape(B, K, G, D) * (1.0 / math.sqrt(D))
     scores = torch.empty(B, K, G, S, dtype=torch.float32)  # (B, K, G, S)
     args = [block_tables.numpy(), first.numpy(), view0.numpy(), lens.numpy()]
-    k, v = [(c.numpy(), scale.numpy(), zero.numpy(), float(off)) for c, scale, zero, off in (k, v)]
+    as_codes = torch.int8 if fp8 else torch.uint8  # FP8 codes are read as signed bytes
+    k, v = [
+        (c.view(as_codes).numpy(), scale.numpy(), zero.numpy(), float(off))
+        for c, scale, zero, off in (k, v)
+    ]
     scores_pass(qg.numpy(), *k, *args, scores.numpy())
     p = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # (B, K, G, S); a row of no tokens: 0
     out = torch.empty(B, K, G, D, dtype=torch.float32)  # (B, K, G, D)
