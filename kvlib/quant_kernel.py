@@ -25,7 +25,9 @@ bits (see `_kernels`), as `fp8_as_half` does with float16.
 Each pass handles four query rows of a kv head at once (a GQA group; the rows are padded to a
 multiple of four): a token's codes are read and converted once and feed four dot products, or
 four running sums, so the loop does four multiply-adds per code it converts instead of one.
-This is register blocking, the idea at the heart of every fast matrix product.
+This is register blocking, the idea at the heart of every fast matrix product. The second pass
+blocks tokens too: it takes two at a time, so each running sum is loaded and stored once for two
+tokens' codes.
 """
 
 from __future__ import annotations
@@ -73,6 +75,17 @@ def _kernels(fp8: bool):
             v = np.uint32(np.int32(c[d]))  # s...s seeeemmm
             return _bits_as_float32((v << np.uint32(20)) & np.uint32(0x87F00000))  # s0000eeeemmm0..
         return np.float32(c[d])
+
+    @numba.njit(inline="always")
+    def group_weights(p, b, h, g0, n, t, real):  # pragma: no cover - compiled
+        # the softmax weights of a group's n <= 4 rows at column t; zeros past n, or if not real
+        w = np.float32(0.0)
+        return (
+            p[b, h, g0, t] if real else w,
+            p[b, h, g0 + 1, t] if real and n > 1 else w,
+            p[b, h, g0 + 2, t] if real and n > 2 else w,
+            p[b, h, g0 + 3, t] if real and n > 3 else w,
+        )
 
     @numba.njit(fastmath=_FASTMATH)
     def scores(q, codes, scale, zero, offset, tables, first, view0, lens, out):  # pragma: no cover
@@ -125,7 +138,8 @@ def _kernels(fp8: bool):
     def weighted(
         p, codes, scale, zero, offset, tables, first, view0, lens, out
     ):  # pragma: no cover
-        # p (B, K, G, S) softmax weights; out (B, K, G, D); the rest as in `scores`
+        # p (B, K, G, S) softmax weights; out (B, K, G, D); the rest as in `scores`. Each step
+        # takes two tokens, so a row's running sums are loaded and stored once for both.
         B, K, G, S = p.shape
         D = out.shape[3]
         P = codes.shape[2]
@@ -144,30 +158,32 @@ def _kernels(fp8: bool):
                     for g0 in range(0, G, 4):  # four query rows share each code's conversion
                         n = min(4, G - g0)
                         a = acc[h, g0 : g0 + 4]  # (4, D) the group's running sums
-                        for off in range(off0, off0 + run):
-                            c = codes[blk, h, off]
-                            sc = scale[blk, h, off] * unit
-                            z = zero[blk, h, off] - offset * sc  # the value of code 0
-                            t = view0[b] + j + off - off0
-                            w0 = p[b, h, g0, t]
-                            w1 = p[b, h, g0 + 1, t] if n > 1 else np.float32(0.0)
-                            w2 = p[b, h, g0 + 2, t] if n > 2 else np.float32(0.0)
-                            w3 = p[b, h, g0 + 3, t] if n > 3 else np.float32(0.0)
-                            zs[h, g0] += w0 * z
-                            zs[h, g0 + 1] += w1 * z
-                            zs[h, g0 + 2] += w2 * z
-                            zs[h, g0 + 3] += w3 * z
-                            w0, w1, w2, w3 = w0 * sc, w1 * sc, w2 * sc, w3 * sc
+                        for i in range(0, run, 2):  # two tokens per step (see `weighted`)
+                            o1 = off0 + i
+                            o2 = o1 + 1 if i + 1 < run else o1  # an odd run: the last pair's
+                            t = view0[b] + j + i  # second token repeats the first, weightless
+                            c1, c2 = codes[blk, h, o1], codes[blk, h, o2]
+                            sc1, sc2 = scale[blk, h, o1] * unit, scale[blk, h, o2] * unit
+                            z1 = zero[blk, h, o1] - offset * sc1  # the value of code 0
+                            z2 = zero[blk, h, o2] - offset * sc2
+                            u0, u1, u2, u3 = group_weights(p, b, h, g0, n, t, True)
+                            v0, v1, v2, v3 = group_weights(p, b, h, g0, n, t + 1, o2 != o1)
+                            zs[h, g0] += u0 * z1 + v0 * z2
+                            zs[h, g0 + 1] += u1 * z1 + v1 * z2
+                            zs[h, g0 + 2] += u2 * z1 + v2 * z2
+                            zs[h, g0 + 3] += u3 * z1 + v3 * z2
+                            u0, u1, u2, u3 = u0 * sc1, u1 * sc1, u2 * sc1, u3 * sc1
+                            v0, v1, v2, v3 = v0 * sc2, v1 * sc2, v2 * sc2, v3 * sc2
                             if n == 1:  # no grouping: one running sum
                                 for d in range(D):
-                                    a[0, d] += w0 * value(c, d)
+                                    a[0, d] += u0 * value(c1, d) + v0 * value(c2, d)
                             else:
-                                for d in range(D):  # one pass over the codes, four rows
-                                    xd = value(c, d)
-                                    a[0, d] += w0 * xd
-                                    a[1, d] += w1 * xd
-                                    a[2, d] += w2 * xd
-                                    a[3, d] += w3 * xd
+                                for d in range(D):  # one pass over two tokens' codes, four rows
+                                    x1, x2 = value(c1, d), value(c2, d)
+                                    a[0, d] += u0 * x1 + v0 * x2
+                                    a[1, d] += u1 * x1 + v1 * x2
+                                    a[2, d] += u2 * x1 + v2 * x2
+                                    a[3, d] += u3 * x1 + v3 * x2
                 j += run
             for h in range(K):
                 for g in range(G):
