@@ -23,7 +23,7 @@ help:
 	@echo "make vllm-check the book model exported (python -m kvlib.export) and run on vLLM:"
 	@echo "                its greedy tokens must equal kvlib's generate and Engine"
 	@echo "make vllm-serve-compare  kvlib's server and vLLM's, one after the other, on one trace:"
-	@echo "                latency, throughput and KV cache figures into data/vllm/serve.json"
+	@echo "                latency, throughput and KV cache figures into kvlib/assets/vllm/serve.json"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -135,7 +135,7 @@ vllm-check: $(VENV)/.test $(VLLM_VENV)/.installed
 vllm-serve-compare: $(VENV)/.test $(VLLM_VENV)/.installed
 	$(BIN)/python -m kvlib.export --overwrite $(VLLM_OUT)/model
 	$(BIN)/python -m kvlib.serve_compare --model-dir $(VLLM_OUT)/model \
-		--vllm-python $(VLLM_VENV)/bin/python --logs $(VLLM_OUT)/logs --out data/vllm/serve.json
+		--vllm-python $(VLLM_VENV)/bin/python --logs $(VLLM_OUT)/logs --out kvlib/assets/vllm/serve.json
 
 clean:
 	rm -rf _build .pytest_cache

@@ -2,7 +2,7 @@
 
     python -m kvlib.export _build/vllm/model
     python -m kvlib.serve_compare --model-dir _build/vllm/model \\
-        --vllm-python .venv-vllm/bin/python --out data/vllm/serve.json
+        --vllm-python .venv-vllm/bin/python --out kvlib/assets/vllm/serve.json
 
 For each server in turn (kvlib's `python -m kvlib.server`, then vLLM's OpenAI api_server on
 the exported folder, in its own virtualenv) it starts the server as a subprocess on a
@@ -27,6 +27,8 @@ The prefix hit rate is hits / queries in prompt tokens, the same definition on b
 The output (`--out`) holds, per server, the loadgen figures (throughput, TTFT and TPOT p50
 and p99), each request's completion tokens, and the KV figures; then the trace parameters,
 the versions, the date, the machine, its load average before and after, and the command.
+The committed record is kvlib/assets/vllm/serve.json, package data beside `make vllm-check`'s
+results.json: `committed(name)` reads either, from a checkout or an installed kvlib.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ TRACE = dict(
     seed=0,
 )
 SERVERS = ("kvlib", "vllm")
+RECORDS = ("results.json", "serve.json")  # committed in kvlib/assets/vllm
 # Each server gets one PyTorch thread (vLLM's CPU engine picks 1 of these 2 cores by itself),
 # leaving the other core to its HTTP side and the load generator.
 THREADS = 1
@@ -73,6 +76,16 @@ THREADS = 1
 # neither server meets its first prefill or its first batch shape inside the measurement.
 WARMUP_PROMPTS = (list(range(1, 9)), [7] * 190)
 WARMUP_TOKENS = 4
+
+
+def committed(name: str) -> dict:
+    """A committed record of kvlib/assets/vllm: "results.json" (`make vllm-check`: vLLM's
+    greedy tokens) or "serve.json" (`make vllm-serve-compare`)."""
+    from importlib.resources import files
+
+    if name not in RECORDS:
+        raise KVLibValueError(f"name must be one of {RECORDS}, got {name!r}")
+    return json.loads((files("kvlib") / "assets" / "vllm" / name).read_text(encoding="utf-8"))
 
 
 # ---- servers as subprocesses --

@@ -1,7 +1,7 @@
 """kvlib's server and vLLM's on one trace (kvlib.serve_compare, `make vllm-serve-compare`).
 
 vLLM runs only in that make target (its own virtualenv). These tests check the record it
-wrote, data/vllm/serve.json, against the trace regenerated from the parameters it records,
+wrote, kvlib/assets/vllm/serve.json, against the trace regenerated from the parameters it records,
 and the parts that need no vLLM: reading Prometheus metrics, the bounded wait for a server,
 stopping a server's whole process group, and the load generator counting every token of a
 chunk that carries several.
@@ -27,7 +27,7 @@ from kvlib.loadgen import replay
 from kvlib.server.__main__ import parse_args as kvlib_server_args
 from tests.toc import ROOT
 
-SERVE = ROOT / "data" / "vllm" / "serve.json"
+SERVE = ROOT / "kvlib" / "assets" / "vllm" / "serve.json"
 FIGURES = ("throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")
 
 
