@@ -10,6 +10,7 @@ chunk that carries several.
 import asyncio
 import json
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -236,3 +237,56 @@ def test_replay_counts_each_token_of_a_chunk_that_carries_several():
     times = rec["token_times"]
     assert len(times) == 4 and times[1] == times[2], times  # two tokens, one arrival
     assert asked[0]["return_token_ids"] is True and asked[0]["ignore_eos"] is True
+
+
+# ---- chapter B's vLLM names, checked against vLLM itself (where .venv-vllm exists) ------------
+
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+PROBE = """
+import dataclasses, json
+from vllm.engine.arg_utils import EngineArgs
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+print(json.dumps(dict(
+    fields=[f.name for f in dataclasses.fields(EngineArgs)],
+    flags=[s for a in parser._actions for s in a.option_strings],
+    request=list(CompletionRequest.model_fields),
+)))
+"""
+
+
+def chapter_b_vllm_names() -> tuple[set[str], set[str]]:
+    """(EngineArgs fields, command-line flags) chapter B names for vLLM: the vLLM column of its
+    table and the section on scaling past one machine."""
+    nb = json.loads((ROOT / "notebooks" / "B_kvlib_to_vllm.ipynb").read_text())
+    text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    table = text[text.index("| kvlib (`Engine`") : text.index("The exercise below sizes")]
+    vllm_column = " ".join(row.split("|")[2] for row in table.splitlines()[2:] if row.strip())
+    scaling = text[text.index("## Past one machine") : text.index("## Summary")]
+    names = set(re.findall(r"`([^`]+)`", vllm_column + scaling))
+    flags = {n.split()[0] for n in names if n.startswith("--")}
+    fields = {n.split("=")[0] for n in names if re.fullmatch(r"[a-z]+(_[a-z0-9]+)+(=.*)?", n)}
+    return fields, flags
+
+
+def test_the_chapter_names_vllm_settings_in_its_table():
+    fields, flags = chapter_b_vllm_names()
+    assert {"block_size", "max_num_batched_tokens", "tensor_parallel_size"} <= fields, fields
+    assert {"--block-size", "--kv-cache-dtype", "--tensor-parallel-size"} <= flags, flags
+
+
+@pytest.mark.skipif(not VLLM_PYTHON.is_file(), reason="needs .venv-vllm (make vllm-env)")
+def test_every_vllm_setting_the_chapter_names_exists_in_vllm():
+    out = subprocess.run(
+        [str(VLLM_PYTHON), "-c", PROBE], capture_output=True, text=True, timeout=600, check=True
+    )
+    vllm = json.loads(out.stdout.strip().splitlines()[-1])
+    fields, flags = chapter_b_vllm_names()
+    request_fields = {"cache_salt"} & fields  # a request's field, not the engine's
+    assert request_fields <= set(vllm["request"]), request_fields - set(vllm["request"])
+    missing = fields - request_fields - set(vllm["fields"])
+    assert not missing, f"chapter B names EngineArgs fields vLLM does not have: {missing}"
+    assert not flags - set(vllm["flags"]), f"unknown vLLM flags: {flags - set(vllm['flags'])}"
+    for gone in ("preemption_mode", "swap_space"):  # the chapter says these are gone
+        assert gone not in vllm["fields"], f"{gone} is an EngineArgs field again"
