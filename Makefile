@@ -131,7 +131,7 @@ vllm-check: $(VENV)/.test $(VLLM_VENV)/.installed
 
 # kvlib's server, then vLLM's OpenAI server on the exported model, each alone on the machine,
 # replay the same trace (python -m kvlib.loadgen's replay); both are stopped at the end, even
-# on an error. Takes 2 to 2.5 minutes on 2 cores (vLLM's start is most of it).
+# on an error. Takes 1.5 to 2.5 minutes on 2 cores (vLLM's start is most of it).
 vllm-serve-compare: $(VENV)/.test $(VLLM_VENV)/.installed
 	$(BIN)/python -m kvlib.export --overwrite $(VLLM_OUT)/model
 	$(BIN)/python -m kvlib.serve_compare --model-dir $(VLLM_OUT)/model \
