@@ -9,7 +9,7 @@ NOTEBOOKS = $(shell $(BIN)/python tests/toc.py)
 JOBS ?= 2
 
 .PHONY: book test lint unit nbval nbval-portable build-book browser bench bench-quick assignments notebooks clean help \
-	vllm-env vllm-check
+	vllm-env vllm-check vllm-serve-compare
 
 help:
 	@echo "make book       build the HTML book into _build/html"
@@ -22,6 +22,8 @@ help:
 	@echo "make vllm-env   vLLM's CPU build in its own virtualenv, .venv-vllm (about 3.5 GB)"
 	@echo "make vllm-check the book model exported (python -m kvlib.export) and run on vLLM:"
 	@echo "                its greedy tokens must equal kvlib's generate and Engine"
+	@echo "make vllm-serve-compare  kvlib's server and vLLM's, one after the other, on one trace:"
+	@echo "                latency, throughput and KV cache figures into kvlib/assets/vllm/serve.json"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -126,6 +128,14 @@ vllm-check: $(VENV)/.test $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python tools/vllm_tokens.py $(VLLM_OUT)/model $(VLLM_OUT)/prompts.json \
 		$(VLLM_OUT)/results.json
 	$(BIN)/python -m kvlib.vllm_check check $(VLLM_OUT)/results.json
+
+# kvlib's server, then vLLM's OpenAI server on the exported model, each alone on the machine,
+# replay the same trace (python -m kvlib.loadgen's replay); both are stopped at the end, even
+# on an error. Takes 1.5 to 2.5 minutes on 2 cores (vLLM's start is most of it).
+vllm-serve-compare: $(VENV)/.test $(VLLM_VENV)/.installed
+	$(BIN)/python -m kvlib.export --overwrite $(VLLM_OUT)/model
+	$(BIN)/python -m kvlib.serve_compare --model-dir $(VLLM_OUT)/model \
+		--vllm-python $(VLLM_VENV)/bin/python --logs $(VLLM_OUT)/logs --out kvlib/assets/vllm/serve.json
 
 clean:
 	rm -rf _build .pytest_cache

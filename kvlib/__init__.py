@@ -19,7 +19,7 @@ checks every import, those inside functions too, so there is no cycle and no upw
     7  kvlib  train  checkpoints  bench  bench.report  bench.gpu_timing  engine.core  export
     8  exercises  bench.problems  bench.section  bench.gpu_machine  bench.gpu_results
     8  engine.replay  server.loop  loadgen  vllm_check
-    9  exercises.*  bench.*  server.app
+    9  exercises.*  bench.*  server.app  serve_compare
    10  bench.cpu  bench.gpu  server.__main__
    11  bench.__main__
 

@@ -9,8 +9,10 @@ its prompt as a list of token ids, so the same trace means the same work on any 
 whatever its tokenizer (give `--vocab-size` of the server's model so every id is valid). It
 asks for exactly the trace's output length: `max_tokens`, and `ignore_eos` so the model cannot
 stop early (vLLM accepts it too). Every request streams (the official `openai` client), and
-the time each chunk arrives is the time of a token (one chunk per token, as kvlib's server
-and vLLM send them), so `kvlib.engine.trace.summarize` gives the same figures as a replay
+the time each chunk arrives is the time of its tokens: one token per chunk (kvlib's server
+sends one chunk per token), or as many as the chunk's `token_ids` list where the server sends
+one (asked for with vLLM's `return_token_ids`: vLLM puts several tokens in one chunk when its
+client falls behind), so `kvlib.engine.trace.summarize` gives the same figures as a replay
 inside the engine: output tokens per second, TTFT and TPOT p50/p99.
 
 It is bounded: at most `--num-requests` requests and `--timeout` seconds in all (requests still
@@ -92,11 +94,12 @@ async def replay(
                 temperature=0.0,
                 stream=True,
                 stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True},
+                extra_body={"ignore_eos": True, "return_token_ids": True},
             )
             async for chunk in stream:
                 if chunk.choices:  # the last chunk has only the usage
-                    rec["token_times"].append(time.perf_counter() - start)
+                    n = len(getattr(chunk.choices[0], "token_ids", None) or ()) or 1
+                    rec["token_times"] += [time.perf_counter() - start] * n
                 if chunk.usage is not None:
                     rec["completion_tokens"] = chunk.usage.completion_tokens
             rec["error"] = None

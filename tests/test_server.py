@@ -262,6 +262,62 @@ def test_bad_json_is_400(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
 
 
+# ---- the KV cache figures: GET /v1/kvlib/stats ------------------------------------------------
+
+
+def test_stats_count_prefix_hits_in_prompt_tokens_once_per_request():
+    shared = list(range(100, 140))  # 40 tokens: two full blocks of 16 and 8 more
+    prompts = [shared + [300 + i, 400 + i, 500 + i] for i in range(4)]
+    with serving(engine_for(MODEL, num_blocks=48, block_size=16)) as (url, app):
+        first = httpx.get(f"{url}/kvlib/stats", timeout=10).json()
+        assert (first["prefix_cache_queries"], first["prefix_hit_rate"]) == (0, 0.0)
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=30)
+        for prompt in prompts:  # one after another: each finds the blocks the first computed
+            client.completions.create(model=NAME, prompt=prompt, max_tokens=5, temperature=0)
+        stats = httpx.get(f"{url}/kvlib/stats", timeout=10).json()
+    queried, hits = sum(len(p) for p in prompts), 32 * (len(prompts) - 1)
+    expected = dict(block_size=16, num_blocks=48, prefix_cache="hash", preemptions=0)
+    expected |= dict(prefix_cache_queries=queried, prefix_cache_hits=hits, running=0, waiting=0)
+    assert {k: stats[k] for k in expected} == expected, stats
+    assert stats["prefix_hit_rate"] == pytest.approx(hits / queried), stats
+    assert stats["blocks_used"] == 0 and stats["blocks_cached"] >= 2, stats
+
+
+def test_stats_count_preemptions_and_each_request_once():
+    """Two requests that each need 4 of a 5-block pool: the newer is preempted (recompute)
+    and admitted again later, which does not count its prompt a second time."""
+    prompts = [list(range(10, 30)), list(range(40, 60))]  # 20 tokens each, no shared block
+    engine = engine_for(MODEL, num_blocks=5, block_size=16)
+    with serving(engine) as (url, app):
+        engine_loop, entered, gate = app.state.engine_loop, threading.Event(), threading.Event()
+        engine_loop.call(lambda e: (entered.set(), gate.wait(10)))  # holds the engine thread
+        assert entered.wait(10)  # so both requests are queued before its next step
+
+        async def both():
+            client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+            body = dict(model=NAME, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+            sent = [client.completions.create(prompt=p, **body) for p in prompts]
+            tasks = [asyncio.ensure_future(s) for s in sent]
+            while engine_loop._commands.qsize() < 2:  # both adds queued behind the gate
+                await asyncio.sleep(0.01)
+            gate.set()
+            return await asyncio.gather(*tasks)
+
+        outs = asyncio.run(both())
+        stats = engine_loop.stats().result(timeout=10)
+    assert [o.usage.completion_tokens for o in outs] == [40, 40]
+    assert stats["preemptions"] >= 1, stats
+    assert stats["prefix_cache_queries"] == 40, stats  # each prompt counted once
+    assert (stats["blocks_used"], stats["running"], stats["waiting"]) == (0, 0, 0), stats
+
+
+def test_stats_after_the_loop_stopped_is_503():
+    with serving(engine_for(MODEL)) as (url, app):
+        app.state.engine_loop.stop()
+        r = httpx.get(f"{url}/kvlib/stats", timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+
+
 # ---- a client that goes away; the loop that ends -------------------------------------------------
 
 

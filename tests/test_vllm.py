@@ -1,7 +1,7 @@
 """vLLM's greedy tokens for the exported book model equal kvlib's (kvlib.vllm_check).
 
 vLLM itself runs only in `make vllm-check` (its own virtualenv); these tests check the results
-it wrote, committed in data/vllm/results.json, against kvlib's `generate` and `Engine` here,
+it wrote, committed in kvlib/assets/vllm/results.json, against kvlib's `generate` and `Engine` here,
 and that the comparison catches a wrong token or a wrong tokenization.
 """
 
@@ -14,7 +14,7 @@ from kvlib.pretrained import load_pretrained
 from kvlib.vllm_check import MAX_NEW_TOKENS, compare, make_prompts
 from tests.toc import ROOT
 
-RESULTS = ROOT / "data" / "vllm" / "results.json"
+RESULTS = ROOT / "kvlib" / "assets" / "vllm" / "results.json"
 
 
 @pytest.fixture(scope="module")

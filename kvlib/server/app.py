@@ -10,12 +10,17 @@ token completed ("" while a character's bytes are still arriving, `kvlib.server.
 `data: [DONE]\\n\\n` ends the stream. A client that goes away mid-stream cancels its request
 in the engine, which frees its blocks at once.
 
+GET /v1/kvlib/stats (kvlib's own, not OpenAI's) answers the engine's KV cache figures as JSON
+(`EngineLoop.stats`: block size, blocks, prefix cache hit rate in tokens, preemptions), what
+vLLM's Prometheus /metrics tells about its own cache.
+
 Errors are OpenAI's error object with status 400 (a bad body, bad values, a prompt that does
 not fit the model), 404 (an unknown model) or 503 (the server is shutting down).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -88,6 +93,13 @@ def create_app(engine: Engine, tokenizer: BPETokenizer, *, model_name: str | Non
         card = {"id": name, "object": "model", "created": created, "owned_by": "kvlib"}
         card["max_model_len"] = engine.model.config.max_seq_len
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/kvlib/stats")
+    async def stats() -> dict:
+        try:
+            return await asyncio.wrap_future(engine_loop.stats())
+        except LoopClosedError as err:
+            raise APIError(503, str(err)) from err
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):

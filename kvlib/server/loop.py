@@ -13,6 +13,12 @@ queue (`loop.call_soon_threadsafe`, the one safe way into an event loop from ano
 A request's last Delta has its finish reason: "eos", "length", or "abort" when the loop
 stops under it. The loop pops finished requests from the engine, so nothing grows with the
 number of requests served (give the engine `max_history` too).
+
+`stats()` reads the engine's KV cache figures in the engine thread (between two steps, so
+they are consistent): the pool's size, its blocks in use and in the prefix index, the
+preemptions, and the prefix cache's hit rate in prompt tokens. That rate counts each request
+once, when it is first admitted (a request admitted again after a preemption is not counted
+again), which is how vLLM counts `vllm:prefix_cache_queries` and `vllm:prefix_cache_hits`.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class EngineLoop:
         self._closed = False
         self._lock = threading.Lock()  # orders `_closed` with the commands put before it
         self._thread = threading.Thread(target=self._run, name="kvlib-engine", daemon=True)
+        # prefix cache over the requests admitted so far: prompt tokens looked up, found cached
+        self._queried_tokens = self._hit_tokens = 0
+        self._admitted: set[int] = set()  # ids of unfinished requests counted already
 
     # ---- the other threads' side ---------------------------------------------------------------
     def start(self) -> None:
@@ -94,6 +103,11 @@ class EngineLoop:
         """Stop a request and free its blocks (nothing if it finished already); returns at once."""
         with contextlib.suppress(LoopClosedError):  # a stopping loop cancels everything itself
             self.call(lambda engine: self._drop(request_id, None))
+
+    def stats(self) -> concurrent.futures.Future:
+        """A future of the engine's KV cache figures (a dict; see the module docstring), read
+        in the engine thread. Raises LoopClosedError once the loop is stopping."""
+        return self.call(self._stats)
 
     def stop(self) -> None:
         """Ask the thread to end every request ("abort") and exit; returns at once (safe from a
@@ -153,6 +167,12 @@ class EngineLoop:
 
     def _step(self) -> None:
         out = self.engine.step()
+        for rid, _ in out.scheduled:  # a request's first step is its admission
+            if rid not in self._admitted:
+                self._admitted.add(rid)
+                req = self.engine.requests[rid]
+                self._queried_tokens += len(req.prompt)
+                self._hit_tokens += req.num_cached
         for rid, token in out.tokens.items():
             finished = rid in out.finished
             reason = self.engine.requests[rid].finish_reason if finished else None
@@ -160,6 +180,7 @@ class EngineLoop:
             if finished:
                 self.engine.pop(rid)
                 del self._streams[rid]
+                self._admitted.discard(rid)
 
     def _drop(self, rid: int, last: Delta | None) -> None:
         """Cancel request `rid` in the engine, forget it, and send it `last` (if any)."""
@@ -167,9 +188,28 @@ class EngineLoop:
             return  # finished and popped already
         self.engine.cancel(rid)
         self.engine.pop(rid)
+        self._admitted.discard(rid)
         if last is not None:
             self._send(rid, last)
         self._streams.pop(rid, None)
+
+    def _stats(self, engine: Engine) -> dict:
+        pool, scheduler = engine.pool, engine.scheduler
+        queried, hits = self._queried_tokens, self._hit_tokens
+        return dict(
+            block_size=pool.block_size,
+            num_blocks=pool.num_blocks,
+            blocks_used=pool.num_used,
+            blocks_cached=pool.num_cached,
+            prefix_cache=pool.prefix_cache,
+            prefix_cache_queries=queried,  # prompt tokens of the requests admitted
+            prefix_cache_hits=hits,  # of those, tokens found in the prefix cache
+            prefix_hit_rate=hits / queried if queried else 0.0,
+            preemptions=scheduler.stats["preemptions"],
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting) + len(scheduler.swapped),
+            steps=engine.num_steps,
+        )
 
     def _send(self, rid: int, delta: Delta) -> None:
         loop, deltas = self._streams[rid]
