@@ -158,7 +158,7 @@ def _kernels(fp8: bool):
                     for g0 in range(0, G, 4):  # four query rows share each code's conversion
                         n = min(4, G - g0)
                         a = acc[h, g0 : g0 + 4]  # (4, D) the group's running sums
-                        for i in range(0, run, 2):  # two tokens per step (see `weighted`)
+                        for i in range(0, run, 2):  # two tokens per step
                             o1 = off0 + i
                             o2 = o1 + 1 if i + 1 < run else o1  # an odd run: the last pair's
                             t = view0[b] + j + i  # second token repeats the first, weightless
