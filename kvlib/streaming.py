@@ -1,12 +1,12 @@
 """Perplexity of a long stream read through a cache, a chunk of tokens at a time.
 
-`stream_nll(model, tokens, cache, chunk_size)` feeds a stream of token ids (B, N) through any
+`stream_nll(model, tokens, cache, chunk_size)` feeds a stream of token ids (B, S) through any
 kvlib cache the way a reader of a long document would: chunk after chunk of `chunk_size`
 tokens, each one a forward pass that appends to the cache. Before each chunk the cache's
 `prepare` hook runs (inside the model), so an evicting cache (`kvlib.eviction`) makes room
 for the chunk there and keeps its budget. Every token but the last is fed once; the logits of
 a chunk score the next token of each of its positions, so the result holds the negative
-log-likelihood (NLL) of tokens 1 .. N-1, each predicted from what the cache kept of the
+log-likelihood (NLL) of tokens 1 .. S-1, each predicted from what the cache kept of the
 tokens before it.
 
 Chunks trade accuracy of the eviction schedule for speed. With a budget of W tokens and
@@ -16,10 +16,10 @@ every query sees W. A forward pass over T tokens costs about as much as T decode
 arithmetic but far less in overhead, which is what makes a stream of hundreds of tokens
 through a 135M-parameter model affordable on a CPU.
 
-`bucket_perplexity(nll, bucket)` turns the (B, N - 1) NLL into perplexity per run of `bucket`
+`bucket_perplexity(nll, bucket)` turns the (B, S - 1) NLL into perplexity per run of `bucket`
 consecutive predictions (all rows together): the curve of perplexity as the stream grows.
 
-Shapes: tokens (B, N), logits of a chunk (B, T, V), nll (B, N - 1) fp32.
+Shapes: tokens (B, S), logits of a chunk (B, T, V), nll (B, S - 1) fp32.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from kvlib.transformer import Transformer, check_tokens
 def stream_nll(
     model: Transformer, tokens: torch.Tensor, cache: Cache, chunk_size: int
 ) -> torch.Tensor:
-    """(B, N - 1) fp32: the NLL of each next token of `tokens` (B, N), fed through `cache` in
+    """(B, S - 1) fp32: the NLL of each next token of `tokens` (B, S), fed through `cache` in
     chunks of `chunk_size` tokens (the last chunk may be shorter). nll[:, i] scores token i + 1.
 
     A failed call (a cache that cannot take a chunk, a stream past the model's positions)
@@ -44,18 +44,18 @@ def stream_nll(
     """
     if not isinstance(model, Transformer):
         raise KVLibTypeError(f"model must be a kvlib Transformer, got {type(model).__name__}")
-    check_tokens(tokens, model.config.vocab_size)  # (B, N)
+    check_tokens(tokens, model.config.vocab_size)  # (B, S)
     check_int("chunk_size", chunk_size, 1)
-    B, N = tokens.shape
-    if N < 2:
-        raise KVLibValueError(f"a stream needs at least 2 tokens to score one, got N={N}")
-    model.check_cache(cache, B, N - 1)  # the last token is a target only
+    B, S = tokens.shape
+    if S < 2:
+        raise KVLibValueError(f"a stream needs at least 2 tokens to score one, got S={S}")
+    model.check_cache(cache, B, S - 1)  # the last token is a target only
     tokens = tokens.to(model.device)
-    nll = torch.empty(B, N - 1, dtype=torch.float32, device=model.device)  # (B, N - 1)
+    nll = torch.empty(B, S - 1, dtype=torch.float32, device=model.device)  # (B, S - 1)
     state = cache.checkpoint()
     try:
-        for i in range(0, N - 1, chunk_size):
-            T = min(chunk_size, N - 1 - i)
+        for i in range(0, S - 1, chunk_size):
+            T = min(chunk_size, S - 1 - i)
             logits = model(tokens[:, i : i + T], cache).float()  # (B, T, V)
             targets = tokens[:, i + 1 : i + T + 1]  # (B, T)
             nll[:, i : i + T] = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
@@ -66,15 +66,15 @@ def stream_nll(
 
 
 def bucket_perplexity(nll: torch.Tensor, bucket: int) -> torch.Tensor:
-    """(N // bucket,) fp32: exp of the mean NLL over each run of `bucket` consecutive
-    predictions of `nll` (B, N), all rows together; a last partial run is left out."""
+    """(S // bucket,) fp32: exp of the mean NLL over each run of `bucket` consecutive
+    predictions of `nll` (B, S), all rows together; a last partial run is left out."""
     if not isinstance(nll, torch.Tensor) or nll.ndim != 2 or not nll.dtype.is_floating_point:
         got = tuple(nll.shape) if isinstance(nll, torch.Tensor) else type(nll).__name__
-        raise KVLibTypeError(f"nll must be a (B, N) float tensor, got {got}")
+        raise KVLibTypeError(f"nll must be a (B, S) float tensor, got {got}")
     check_int("bucket", bucket, 1)
-    B, N = nll.shape
-    if N < bucket:
-        raise KVLibValueError(f"a bucket of {bucket} predictions is longer than the N={N} given")
-    n = N // bucket * bucket
-    runs = nll[:, :n].float().reshape(B, n // bucket, bucket)  # (B, N // bucket, bucket)
-    return runs.mean(dim=(0, 2)).exp()  # (N // bucket,)
+    B, S = nll.shape
+    if S < bucket:
+        raise KVLibValueError(f"a bucket of {bucket} predictions is longer than the S={S} given")
+    n = S // bucket * bucket
+    runs = nll[:, :n].float().reshape(B, n // bucket, bucket)  # (B, S // bucket, bucket)
+    return runs.mean(dim=(0, 2)).exp()  # (S // bucket,)
